@@ -1,0 +1,1 @@
+"""Heavy backends (Hugging Face generation, COMET, sacrebleu), imported lazily by the stages."""

@@ -1,0 +1,130 @@
+"""The `cpo-data` command: inspect published versions, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+import pandas as pd
+
+from cpo_data import store
+from cpo_data.config import ConfigError
+from cpo_data.schema import SchemaError
+from cpo_data.sources import SourceError
+
+_USER_ERRORS = (ConfigError, SchemaError, SourceError, store.StoreError)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
+def _short(text: str, width: int) -> str:
+    return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...")
+
+
+def print_versions(uri: str, name: str | None = None) -> None:
+    versions = store.list_versions(uri, name=name)
+    where = store.dataset_uri(uri, name) if name else uri
+    if not versions:
+        print(f"{where}: no published version")
+        return
+    print(f"{where}: {len(versions)} version(s), newest last")
+    for manifest in versions:
+        print(f"  {manifest['version']}  {manifest['created_at'][:19]}  "
+              f"{manifest['rows']:>7} rows  {_counts(manifest['rows_per_lang_pair'])}")
+
+
+def print_inspect(uri: str, version: str = "latest", name: str | None = None,
+                  rows: int = 3) -> None:
+    print_versions(uri, name)
+    manifest = store.read_manifest(uri, version, name=name)
+    path = store.version_path(uri, manifest["version"], name=name)
+    print()
+    print(f"version   {manifest['version']} (schema {manifest['schema_version']}, "
+          f"created {manifest['created_at'][:19]})")
+    print(f"folder    {path}")
+    print(f"triplets  {manifest['rows']}: {_counts(manifest['rows_per_lang_pair'])}")
+    print(f"dropped   {manifest['dropped_rows']}: {_counts(manifest['dropped_per_reason'])}")
+    provenance = manifest.get("provenance", {})
+    if "source_fingerprint" in provenance:
+        print(f"sources   fingerprint {provenance['source_fingerprint'][:16]}, "
+              f"files {', '.join(provenance.get('source_files', []))}")
+    frame = store.read_triplets(uri, manifest["version"], name=name)
+    if rows > 0:
+        print(f"\nfirst {min(rows, len(frame))} row(s) of each language pair:")
+        for pair, group in frame.groupby("lang_pair", sort=True):
+            for row in group.head(rows).itertuples():
+                print(f"  [{pair}] {_short(row.src, 90)}")
+                print(f"      chosen   ({row.chosen_system}) {_short(row.chosen, 80)}")
+                print(f"      rejected ({row.rejected_system}) {_short(row.rejected, 80)}")
+    dataset = store.dataset_uri(uri, name) if name else uri
+    print("\nopen it in pandas:")
+    print(f"  import cpo_data; df = cpo_data.read_triplets({dataset!r})")
+    print(f"  pd.read_parquet({path!r})")
+
+
+def _cmd_versions(args: argparse.Namespace) -> None:
+    print_versions(args.uri, args.name)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    print_inspect(args.uri, args.version, args.name, args.rows)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from cpo_data import demo
+
+    config = demo.demo_config(args.store)
+    print(f"==> demo: {demo.DEMO_CONFIG}")
+    result = demo.build_from_labels(config)
+    report = result.report
+    print(f"read      {report.rows_read} rows from {', '.join(report.files)}")
+    print(f"sources   {report.sources} ({_counts(report.per_lang_pair)}), "
+          f"{report.duplicates_collapsed} duplicates collapsed, "
+          f"{report.empty_system_outputs} empty system outputs left out")
+    print(f"published {result.triplets} triplets, {result.dropped} dropped, "
+          f"version {result.version}\n")
+    print_inspect(result.dataset_uri, result.version, rows=args.rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpo-data",
+        description="Build machine-translation preference data and train on it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    versions = commands.add_parser("versions", help="list the published versions of a dataset")
+    versions.add_argument("uri", help="dataset URI ({store}/{name}), or the store with --name")
+    versions.add_argument("--name", help="dataset name inside the store at URI")
+    versions.set_defaults(run=_cmd_versions)
+
+    inspect = commands.add_parser("inspect", help="versions, counts and a few rows")
+    inspect.add_argument("uri", help="dataset URI ({store}/{name}), or the store with --name")
+    inspect.add_argument("--version", default="latest", help="version id (default: latest)")
+    inspect.add_argument("--name", help="dataset name inside the store at URI")
+    inspect.add_argument("--rows", type=int, default=3, help="rows to show per language pair")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    demo = commands.add_parser("demo", help="run the offline demo on the demo corpus")
+    demo.add_argument("--store", help="store URI to publish into (default: .cpo-data/store)")
+    demo.add_argument("--rows", type=int, default=2, help="rows to show per language pair")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    pd.set_option("display.width", 120)
+    try:
+        args.run(args)
+    except _USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

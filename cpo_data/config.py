@@ -1,0 +1,240 @@
+"""One frozen dataclass per stage, and the YAML file that holds them all.
+
+The YAML maps onto the dataclasses one to one: every key is a field, an unknown key or a wrong
+type is refused before any work starts, with the key's full path in the message
+(`sources[0].src_colum: unknown key`). Relative paths resolve against the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpo_data.langs import UnknownLanguageError, get_language
+
+ALMA_PROMPT = "Translate this from {Src} to {Tgt}:\n{Src}: {src}\n{Tgt}:"
+"""ALMA's prompt; {Src}/{Tgt} are English language names, the target follows the colon."""
+
+SOURCE_FORMATS = ("auto", "jsonl", "csv", "tsv", "parquet", "hf_dataset", "alma_r")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the key's path."""
+
+
+def _fail(key: str, message: str) -> None:
+    raise ConfigError(f"{key}: {message}")
+
+
+def _check_lang(key: str, code: str | None) -> None:
+    if code is None:
+        return
+    try:
+        get_language(code)
+    except UnknownLanguageError as error:
+        _fail(key, str(error))
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """Where one file of source segments is and how its columns map onto the sources table."""
+
+    path: str
+    """A JSONL/CSV/TSV/Parquet file, or the folder of a dataset saved with `save_to_disk`."""
+    format: str = "auto"
+    """One of auto, jsonl, csv, tsv, parquet, hf_dataset, alma_r; auto goes by the extension."""
+    src_lang: str | None = None
+    """Source language of every row (or use src_lang_column)."""
+    tgt_lang: str | None = None
+    """Target language of every row (or use tgt_lang_column)."""
+    src_lang_column: str | None = None
+    """Column holding each row's source language."""
+    tgt_lang_column: str | None = None
+    """Column holding each row's target language."""
+    src_column: str = "src"
+    """Column holding the source text."""
+    ref_column: str | None = "ref"
+    """Column holding the reference translation; null when the data has none."""
+    systems: dict[str, str] = field(default_factory=dict)
+    """Provided system outputs: system name -> column (e.g. {gpt4: gpt4_output})."""
+    label_column: str | None = None
+    """Column with a human preference score, positive meaning label_positive is better."""
+    label_positive: str | None = None
+    """System preferred when the label is positive."""
+    label_negative: str | None = None
+    """System preferred when the label is negative."""
+    split: str | None = None
+    """Split to read from a saved DatasetDict (hf_dataset, alma_r)."""
+    directions: tuple[str, ...] = ()
+    """alma_r only: directions to build (e.g. [en-de]); empty means what each row allows."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            _fail("path", "must name a file or folder")
+        if self.format not in SOURCE_FORMATS:
+            _fail("format", f"{self.format!r} is not one of {', '.join(SOURCE_FORMATS)}")
+        _check_lang("src_lang", self.src_lang)
+        _check_lang("tgt_lang", self.tgt_lang)
+        if self.format != "alma_r":
+            if self.src_lang is None and self.src_lang_column is None:
+                _fail("src_lang", "set src_lang (whole file) or src_lang_column (per row)")
+            if self.tgt_lang is None and self.tgt_lang_column is None:
+                _fail("tgt_lang", "set tgt_lang (whole file) or tgt_lang_column (per row)")
+        if self.label_column is not None:
+            for key in ("label_positive", "label_negative"):
+                name = getattr(self, key)
+                if name is None:
+                    _fail(key, "label_column needs both label_positive and label_negative")
+                if name not in self.systems:
+                    _fail(key, f"{name!r} is not one of the mapped systems {sorted(self.systems)}")
+        for direction in self.directions:
+            parts = direction.split("-")
+            if len(parts) != 2:
+                _fail("directions", f"{direction!r} is not of the form src-tgt (en-de)")
+            for code in parts:
+                _check_lang("directions", code)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How chosen/rejected pairs are picked and how their prompt is written."""
+
+    prompt_template: str = ALMA_PROMPT
+    """Prompt with {Src}, {Tgt} (English language names), {src}, {src_lang}, {tgt_lang}."""
+    use_human_labels: bool = True
+    """Rows with a human preference take it over the scores."""
+
+    def __post_init__(self) -> None:
+        if "{src}" not in self.prompt_template:
+            _fail("prompt_template", "must contain {src}")
+        try:
+            self.prompt_template.format(Src="x", Tgt="y", src="z", src_lang="a", tgt_lang="b")
+        except (KeyError, IndexError, ValueError) as error:
+            _fail("prompt_template", f"cannot be filled: {error!r}")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Where versions of the triplet dataset are published."""
+
+    uri: str
+    """Store root: a local path or an fsspec URI (s3://bucket/prefix)."""
+    name: str
+    """Dataset name; versions live under {uri}/{name}/."""
+
+    def __post_init__(self) -> None:
+        if not self.uri:
+            _fail("uri", "must name a folder or fsspec URI")
+        if not self.name or "/" in self.name or self.name.startswith((".", "_")):
+            _fail("name", f"{self.name!r} must be a plain folder name")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A whole build, as one YAML file holds it."""
+
+    sources: tuple[SourcesConfig, ...]
+    """One entry per source file."""
+    publish: PublishConfig
+    """Where the triplets go."""
+    select: SelectConfig = field(default_factory=SelectConfig)
+    """How pairs are picked."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            _fail("sources", "list at least one source file")
+
+
+def _is_optional(type_: Any) -> bool:
+    return typing.get_origin(type_) in (typing.Union, types.UnionType) and type(None) in (
+        typing.get_args(type_)
+    )
+
+
+def _convert(value: Any, type_: Any, key: str) -> Any:
+    """Check one YAML value against a field's annotation and convert it."""
+    if _is_optional(type_):
+        if value is None:
+            return None
+        (type_,) = [t for t in typing.get_args(type_) if t is not type(None)]
+    origin = typing.get_origin(type_)
+    if dataclasses.is_dataclass(type_):
+        return from_dict(type_, value, key)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(type_)
+        if not isinstance(value, list):
+            _fail(key, f"expected a list, got {type(value).__name__}")
+        return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_type, value_type = typing.get_args(type_)
+        if not isinstance(value, dict):
+            _fail(key, f"expected a mapping, got {type(value).__name__}")
+        return {
+            _convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if type_ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type_ in (str, int, float, bool):
+        if not isinstance(value, type_) or (type_ is int and isinstance(value, bool)):
+            _fail(key, f"expected {type_.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{key}: no YAML conversion for {type_}")  # a programming error
+
+
+def from_dict(cls: type, data: Any, key: str = "") -> Any:
+    """Build dataclass `cls` from a YAML mapping, naming the key of anything wrong."""
+    prefix = f"{key}." if key else ""
+    if not isinstance(data, dict):
+        _fail(key or "config", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            _fail(f"{prefix}{name}", f"unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(f"{prefix}{name}", "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        # __post_init__ names the field; give it its full path.
+        raise ConfigError(f"{prefix}{error}") from None
+
+
+def _resolve_path(path: str, base: Path) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str((base / path).resolve())
+
+
+def load_config(path: str | Path) -> BuildConfig:
+    """Read and validate a build YAML; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        config = from_dict(BuildConfig, data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    base = path.resolve().parent
+    sources = tuple(
+        dataclasses.replace(s, path=_resolve_path(s.path, base)) for s in config.sources
+    )
+    publish = dataclasses.replace(config.publish, uri=_resolve_path(config.publish.uri, base))
+    return dataclasses.replace(config, sources=sources, publish=publish)

@@ -1,0 +1,422 @@
+"""Read source segments from JSONL, CSV/TSV, Parquet, saved HF datasets or the ALMA-R layout.
+
+Every format is read into rows (row number, dict) first; one function turns rows into the sources
+table, so all formats share the same checks and the same error messages. Rows are numbered from 1
+in file order: for JSONL that is the line number, for CSV/TSV the data row after the header.
+
+Text is stripped of surrounding whitespace. An empty provided-system output is not a candidate: it
+is left out and counted, not an error. Duplicate sources (same language pair and source text)
+collapse into their first occurrence; later duplicates only add system outputs the first lacked.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cpo_data import schema
+from cpo_data.config import SourcesConfig
+from cpo_data.langs import UnknownLanguageError, get_language, lang_pair, normalize_code
+
+ALMA_R_SYSTEMS = ("gpt4", "alma")
+ALMA_R_SCORERS = ("kiwi", "xcomet", "kiwi_xcomet")
+
+
+class SourceError(ValueError):
+    """Bad input, located: the file, the row (1-based) and the field."""
+
+    def __init__(self, file: str, row: int | None, field: str | None, message: str):
+        self.file, self.row, self.field = file, row, field
+        where = [file]
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+@dataclass
+class SourcesReport:
+    """What ingestion read, kept and collapsed."""
+
+    files: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    """Input rows (for alma_r: input rows times the directions each yields)."""
+    sources: int = 0
+    """Rows in the sources table."""
+    duplicates_collapsed: int = 0
+    """Input rows that repeated an earlier source and were merged into it."""
+    empty_system_outputs: int = 0
+    """Provided outputs that were empty and so are not candidates."""
+    per_lang_pair: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Sources:
+    """The sources table, precomputed scores (ALMA-R layout; empty otherwise) and the report."""
+
+    table: pa.Table
+    scores: pa.Table
+    report: SourcesReport
+
+
+def source_id(src_lang: str, tgt_lang: str, src: str) -> str:
+    """Stable id of a source segment: a hash of its direction and text."""
+    key = f"{lang_pair(src_lang, tgt_lang)}\n{src}".encode()
+    return hashlib.sha256(key).hexdigest()[:20]
+
+
+# ---- reading rows ---------------------------------------------------------------------------
+
+
+def _container(config: SourcesConfig) -> str:
+    path = Path(config.path)
+    fmt = config.format
+    if fmt not in ("auto", "alma_r"):
+        return fmt
+    if path.is_dir():
+        return "hf_dataset"
+    suffix = path.suffix.lower()
+    by_suffix = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+    by_suffix[".parquet"] = "parquet"
+    if suffix not in by_suffix:
+        raise SourceError(
+            config.path, None, "format",
+            f"cannot tell the format from {suffix!r}; set format to one of "
+            "jsonl, csv, tsv, parquet, hf_dataset",
+        )
+    return by_suffix[suffix]
+
+
+def _decode(path: str) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SourceError(
+            path, line, None,
+            f"not UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); "
+            "re-encode the file as UTF-8",
+        ) from None
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SourceError(path, number, None, f"malformed JSON: {error.msg}") from None
+        if not isinstance(row, dict):
+            raise SourceError(path, number, None, f"expected a JSON object, got {row!r:.40}")
+        yield number, row
+
+
+def _delimited_rows(path: str, delimiter: str) -> Iterator[tuple[int, dict]]:
+    # TSV bitext rarely quotes and often contains quote characters inside the text.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter,
+                        quoting=quoting)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    for number, values in enumerate(reader, start=1):
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise SourceError(
+                path, number, None,
+                f"has {len(values)} fields, the header has {len(header)}",
+            )
+        yield number, dict(zip(header, values, strict=True))
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[int, dict]]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise SourceError(path, None, None, f"not a readable Parquet file: {error}") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _hf_rows(path: str, split: str | None) -> Iterator[tuple[int, dict]]:
+    import datasets  # heavy; only this format needs it
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as error:
+        raise SourceError(path, None, None, f"not a saved Hugging Face dataset: {error}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None and len(loaded) == 1:
+            split = next(iter(loaded))
+        if split not in loaded:
+            raise SourceError(
+                path, None, "split",
+                f"choose a split with `split:` (this dataset has {', '.join(loaded)})",
+            )
+        loaded = loaded[split]
+    number = 0
+    for batch in loaded.iter(batch_size=4096):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            number += 1
+            yield number, dict(zip(columns, values, strict=True))
+
+
+def _rows(config: SourcesConfig) -> Iterator[tuple[int, dict]]:
+    path = config.path
+    if not Path(path).exists():
+        raise SourceError(path, None, None, "no such file or folder")
+    container = _container(config)
+    if container == "jsonl":
+        return _jsonl_rows(path)
+    if container in ("csv", "tsv"):
+        return _delimited_rows(path, "," if container == "csv" else "\t")
+    if container == "parquet":
+        return _parquet_rows(path)
+    return _hf_rows(path, config.split)
+
+
+# ---- turning rows into sources --------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """One source being assembled, before it becomes a table row."""
+
+    src_lang: str
+    tgt_lang: str
+    src: str
+    ref: str | None
+    systems: dict[str, str]
+    origin: str
+    preferred: str | None = None
+    dispreferred: str | None = None
+    delta: float | None = None
+    duplicates: int = 1
+
+
+class _RowReader:
+    """Reads typed fields out of one row and names the row and field when one is wrong."""
+
+    def __init__(self, file: str, number: int, row: dict):
+        self.file, self.number, self.row = file, number, row
+
+    def error(self, name: str | None, message: str) -> SourceError:
+        return SourceError(self.file, self.number, name, message)
+
+    def text(self, name: str, *, required: bool, container: dict | None = None) -> str | None:
+        row = self.row if container is None else container
+        if name not in row:
+            if not required:
+                return None
+            columns = ", ".join(map(str, row)) or "none"
+            raise self.error(name, f"column not found (this row has: {columns})")
+        value = row[name]
+        if value is None:
+            if required:
+                raise self.error(name, "missing (null)")
+            return None
+        if not isinstance(value, str):
+            raise self.error(name, f"expected text, got {type(value).__name__} {value!r:.40}")
+        value = value.strip()
+        if not value and required:
+            raise self.error(name, "empty text")
+        return value or None
+
+    def lang(self, name: str, value: str | None = None) -> str:
+        code = value if value is not None else self.text(name, required=True)
+        try:
+            return get_language(code).code
+        except UnknownLanguageError as error:
+            raise self.error(name, str(error)) from None
+
+    def number_or_none(self, name: str, container: dict | None = None) -> float | None:
+        row = self.row if container is None else container
+        if name not in row:
+            raise self.error(name, "column not found")
+        value = row[name]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, bool):
+            raise self.error(name, f"expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise self.error(name, f"expected a number, got {value!r:.40}") from None
+        if not math.isfinite(number):
+            raise self.error(name, f"expected a finite number, got {value!r}")
+        return number
+
+
+def _apply_label(source: _Source, delta: float | None, positive: str, negative: str,
+                 reader: _RowReader, label_field: str) -> None:
+    if delta is None or delta == 0:  # ALMA-R: 0 means unlabelled or tied
+        return
+    better, worse = (positive, negative) if delta > 0 else (negative, positive)
+    for name in (better, worse):
+        if name not in source.systems:
+            raise reader.error(label_field, f"labelled, but system {name!r} has no output")
+    source.preferred, source.dispreferred, source.delta = better, worse, delta
+
+
+def _mapped_source(config: SourcesConfig, reader: _RowReader, counts: SourcesReport) -> _Source:
+    src_lang = (reader.lang("src_lang", config.src_lang) if config.src_lang
+                else reader.lang(config.src_lang_column))
+    tgt_lang = (reader.lang("tgt_lang", config.tgt_lang) if config.tgt_lang
+                else reader.lang(config.tgt_lang_column))
+    if src_lang == tgt_lang:
+        raise reader.error(config.tgt_lang_column or "tgt_lang",
+                           f"source and target language are both {src_lang!r}")
+    src = reader.text(config.src_column, required=True)
+    ref = None
+    if config.ref_column is not None:
+        if config.ref_column not in reader.row:
+            raise reader.error(config.ref_column, "column not found; set ref_column: null "
+                               "if the data has no reference")
+        ref = reader.text(config.ref_column, required=False)
+    systems = {}
+    for name, column in config.systems.items():
+        if column not in reader.row:
+            raise reader.error(column, f"column not found (mapped as system {name!r})")
+        text = reader.text(column, required=False)
+        if text is None:
+            counts.empty_system_outputs += 1
+        else:
+            systems[name] = text
+    source = _Source(src_lang, tgt_lang, src, ref, systems,
+                     origin=f"{reader.file}:{reader.number}")
+    if config.label_column is not None:
+        delta = reader.number_or_none(config.label_column)
+        _apply_label(source, delta, config.label_positive, config.label_negative, reader,
+                     config.label_column)
+    return source
+
+
+def _alma_r_sources(config: SourcesConfig, reader: _RowReader, counts: SourcesReport,
+                    scores: list[dict]) -> list[_Source]:
+    """One ALMA-R row holds both directions of a pair; yield those the row and config allow."""
+    translation = reader.row.get("translation")
+    if not isinstance(translation, dict):
+        raise reader.error("translation", "alma_r rows need a `translation` struct")
+    pair = reader.text("language_pair", required=True, container=translation)
+    langs = pair.split("-")
+    if len(langs) != 2:
+        raise reader.error("language_pair", f"{pair!r} is not of the form xx-yy")
+    first, second = (reader.lang("language_pair", code) for code in langs)
+    required = reader.text("required_directions", required=False, container=translation)
+    directions = [(first, second), (second, first)]
+    if required:
+        directions = [d for d in directions if lang_pair(*d) == normalize_code(required)]
+    if config.directions:
+        wanted = {normalize_code(d) for d in config.directions}
+        directions = [d for d in directions if lang_pair(*d) in wanted]
+    delta = (reader.number_or_none("Delta", translation) if "Delta" in translation else None)
+    made = []
+    for src_lang, tgt_lang in directions:
+        src = reader.text(src_lang, required=True, container=translation)
+        ref = reader.text(tgt_lang, required=False, container=translation)
+        systems = {}
+        for system in ALMA_R_SYSTEMS:
+            text = reader.text(f"{system}_{tgt_lang}", required=False, container=translation)
+            if text is None:
+                counts.empty_system_outputs += 1
+            else:
+                systems[system] = text
+        source = _Source(src_lang, tgt_lang, src, ref, systems,
+                         origin=f"{reader.file}:{reader.number}")
+        _apply_label(source, delta, "gpt4", "alma", reader, "Delta")
+        texts = dict(systems, ref=ref)
+        sid = source_id(src_lang, tgt_lang, src)
+        for system, text in texts.items():
+            for scorer in ALMA_R_SCORERS:
+                key = f"{system}_{tgt_lang}_{scorer}"
+                value = reader.number_or_none(key, translation) if key in translation else None
+                if text is not None and value is not None:
+                    scores.append({"source_id": sid, "text": text, "scorer": scorer,
+                                   "score": value, "error_spans": None})
+        made.append(source)
+    return made
+
+
+def _to_table(collected: dict[str, _Source]) -> pa.Table:
+    rows = [
+        {
+            "source_id": sid,
+            "lang_pair": lang_pair(s.src_lang, s.tgt_lang),
+            "src_lang": s.src_lang,
+            "tgt_lang": s.tgt_lang,
+            "src": s.src,
+            "ref": s.ref,
+            "systems": [{"system": k, "text": v} for k, v in s.systems.items()],
+            "human_preferred": s.preferred,
+            "human_dispreferred": s.dispreferred,
+            "human_delta": s.delta,
+            "duplicates": s.duplicates,
+            "origin": s.origin,
+        }
+        for sid, s in collected.items()
+    ]
+    return pa.Table.from_pylist(rows, schema=schema.SOURCES)
+
+
+def _scores_table(scores: list[dict]) -> pa.Table:
+    unique = {(s["source_id"], s["text"], s["scorer"]): s for s in reversed(scores)}
+    return pa.Table.from_pylist(list(reversed(unique.values())), schema=schema.SCORES)
+
+
+def load_sources(configs: Sequence[SourcesConfig] | SourcesConfig) -> Sources:
+    """Read one or more source files into one sources table; duplicates collapse across files."""
+    if isinstance(configs, SourcesConfig):
+        configs = [configs]
+    report = SourcesReport()
+    collected: dict[str, _Source] = {}
+    scores: list[dict] = []
+    for config in configs:
+        report.files.append(config.path)
+        for number, row in _rows(config):
+            reader = _RowReader(config.path, number, row)
+            if config.format == "alma_r":
+                made = _alma_r_sources(config, reader, report, scores)
+            else:
+                made = [_mapped_source(config, reader, report)]
+            for source in made:
+                report.rows_read += 1
+                sid = source_id(source.src_lang, source.tgt_lang, source.src)
+                first = collected.get(sid)
+                if first is None:
+                    collected[sid] = source
+                    continue
+                first.duplicates += 1
+                report.duplicates_collapsed += 1
+                for name, text in source.systems.items():
+                    first.systems.setdefault(name, text)
+    table = _to_table(collected)
+    report.sources = table.num_rows
+    for pair in table.column("lang_pair").to_pylist():
+        report.per_lang_pair[pair] = report.per_lang_pair.get(pair, 0) + 1
+    return Sources(table=table, scores=_scores_table(scores), report=report)
+
+
+def fingerprint(table: pa.Table) -> str:
+    """A hash of which sources a table holds (their ids, in order): provenance for a build."""
+    digest = hashlib.sha256()
+    for sid in table.column("source_id").to_pylist():
+        digest.update(sid.encode() + b"\n")
+    return digest.hexdigest()

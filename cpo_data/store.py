@@ -1,0 +1,264 @@
+"""Publish, list and read immutable versions of a triplet dataset.
+
+Layout of one dataset (`{store}/{name}`):
+
+    {version}/_manifest.json             written last: counts, schema version, sha256, provenance
+    {version}/de-en/part-00000.parquet   one folder per language pair, `lang_pair` kept in rows
+    {version}/__dropped__/part-00000.parquet   what selection left out, with reasons
+
+Why these names: pyarrow skips files starting with `_` or `.`, and `datasets` skips folders
+starting with `__`, so `pd.read_parquet(version_dir)` and `load_dataset(version_dir)` see the
+triplets only. Folders are not `lang_pair=de-en` (hive style): pyarrow then refuses the column
+that is also in the files, and `datasets` would drop it.
+
+A version is visible only once its manifest exists. On a local disk the version is written under
+a temporary name and renamed into place; on object stores (no rename) the manifest is the last
+object written, so readers never see a half version either way. Only this module does dataset I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import secrets
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from cpo_data import schema
+
+MANIFEST = "_manifest.json"
+DROPPED_DIR = "__dropped__"
+FORMAT = "cpo-data/triplets"
+_LANG_PAIR = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
+
+
+class StoreError(ValueError):
+    """A store that cannot be written or read as asked; the message names the URI."""
+
+
+def _filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path.rstrip("/") or "/"
+
+
+def _require_folder(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> None:
+    if fs.exists(path) and not fs.isdir(path):
+        raise StoreError(f"{uri}: store path is a file, not a folder")
+
+
+def dataset_uri(uri: str, name: str) -> str:
+    """URI of dataset `name` in the store at `uri`."""
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def _new_version_id() -> str:
+    # Sortable by time, unique across concurrent publishers.
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _counts(table: pa.Table, column: str) -> dict[str, int]:
+    counts = pc.value_counts(table.column(column)).to_pylist() if table.num_rows else []
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
+def _write_files(fs: fsspec.AbstractFileSystem, folder: str, triplets: pa.Table,
+                 dropped: pa.Table) -> tuple[list[dict], list[dict]]:
+    """Write the Parquet files of one version; return their manifest entries."""
+
+    def put(relative: str, table: pa.Table) -> dict:
+        data = _parquet_bytes(table)
+        path = posixpath.join(folder, relative)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.pipe_file(path, data)
+        return {"path": relative, "rows": table.num_rows, "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest()}
+
+    files = []
+    for pair in sorted(_counts(triplets, "lang_pair")):
+        part = triplets.filter(pc.equal(triplets.column("lang_pair"), pair))
+        files.append(put(f"{pair}/part-00000.parquet", part))
+    dropped_files = [put(f"{DROPPED_DIR}/part-00000.parquet", dropped)] if dropped.num_rows else []
+    return files, dropped_files
+
+
+def publish_triplets(
+    table: pa.Table,
+    uri: str,
+    name: str,
+    provenance: dict[str, Any] | None = None,
+    dropped: pa.Table | None = None,
+) -> str:
+    """Publish `table` (the triplets schema) as a new immutable version of dataset `name`.
+
+    `provenance` (config, model and scorer identities, source fingerprint) goes into the
+    manifest as given and must be JSON-serializable. Returns the new version id.
+    """
+    triplets = schema.validate(table, schema.TRIPLETS, what="triplets")
+    dropped = schema.validate(
+        dropped if dropped is not None else schema.empty(schema.DROPPED), schema.DROPPED,
+        what="dropped",
+    )
+    if triplets.num_rows == 0:
+        raise StoreError(f"{dataset_uri(uri, name)}: nothing to publish, the table has no rows")
+    for pair in _counts(triplets, "lang_pair"):
+        if not _LANG_PAIR.match(pair):
+            raise StoreError(f"triplets: lang_pair {pair!r} is not of the form xx-yy")
+    try:
+        provenance_json = json.loads(json.dumps(provenance or {}))
+    except (TypeError, ValueError) as error:
+        raise StoreError(f"provenance is not JSON-serializable: {error}") from None
+
+    fs, root = _filesystem(uri)
+    _require_folder(fs, root, uri)
+    dataset_dir = posixpath.join(root, name)
+    _require_folder(fs, dataset_dir, dataset_uri(uri, name))
+    version = _new_version_id()
+    local = isinstance(fs, LocalFileSystem)
+    # Object stores have no rename: write in place, the manifest (last) makes it visible.
+    folder = posixpath.join(dataset_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}" if local
+                            else version)
+    try:
+        files, dropped_files = _write_files(fs, folder, triplets, dropped)
+        manifest = {
+            "format": FORMAT,
+            "schema_version": schema.SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(),
+            "rows": triplets.num_rows,
+            "rows_per_lang_pair": _counts(triplets, "lang_pair"),
+            "dropped_rows": dropped.num_rows,
+            "dropped_per_reason": _counts(dropped, "reason"),
+            "columns": triplets.column_names,
+            "files": files,
+            "dropped_files": dropped_files,
+            "provenance": provenance_json,
+        }
+        fs.pipe_file(posixpath.join(folder, MANIFEST),
+                     json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+        if local:
+            fs.mv(folder, posixpath.join(dataset_dir, version), recursive=True)
+    except BaseException:
+        if local and fs.exists(folder):
+            fs.rm(folder, recursive=True)
+        raise
+    return version
+
+
+def _dataset_dir(uri: str, name: str | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    uri = dataset_uri(uri, name) if name else uri
+    fs, path = _filesystem(uri)
+    if not fs.exists(path):
+        raise StoreError(f"{uri}: no such dataset")
+    _require_folder(fs, path, uri)
+    return fs, path, uri
+
+
+def _load_manifest(fs: fsspec.AbstractFileSystem, path: str, where: str) -> dict:
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise StoreError(f"{where}: manifest is not valid JSON: {error}") from None
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{where}: not a cpo-data triplet manifest")
+    if manifest.get("schema_version", 0) > schema.SCHEMA_VERSION:
+        raise StoreError(
+            f"{where}: schema version {manifest['schema_version']} is newer than this "
+            f"cpo-data reads ({schema.SCHEMA_VERSION}); upgrade cpo-data"
+        )
+    return manifest
+
+
+def list_versions(uri: str, *, name: str | None = None) -> list[dict]:
+    """Manifests of every complete version, oldest first. `uri` is the dataset, or the store
+    when `name` is given. Folders without a manifest (unfinished writes) are not versions."""
+    fs, path, uri = _dataset_dir(uri, name)
+    manifests = []
+    for entry in fs.ls(path, detail=False):
+        folder = posixpath.basename(entry.rstrip("/"))
+        if folder.startswith((".", "_")):
+            continue
+        manifest_path = posixpath.join(path, folder, MANIFEST)
+        if fs.exists(manifest_path):
+            manifests.append(_load_manifest(fs, manifest_path, f"{uri}/{folder}"))
+    return sorted(manifests, key=lambda m: (m["created_at"], m["version"]))
+
+
+def resolve_version(uri: str, version: str = "latest", *, name: str | None = None) -> str:
+    """The version id `version` names: itself, or the newest complete one for 'latest'."""
+    versions = list_versions(uri, name=name)
+    where = dataset_uri(uri, name) if name else uri
+    if not versions:
+        raise StoreError(f"{where}: no published version")
+    if version == "latest":
+        return versions[-1]["version"]
+    if version not in {m["version"] for m in versions}:
+        known = ", ".join(m["version"] for m in versions[-5:])
+        raise StoreError(f"{where}: no version {version!r} (newest: {known})")
+    return version
+
+
+def read_manifest(uri: str, version: str = "latest", *, name: str | None = None) -> dict:
+    """The manifest of one version."""
+    version = resolve_version(uri, version, name=name)
+    fs, path, uri = _dataset_dir(uri, name)
+    return _load_manifest(fs, posixpath.join(path, version, MANIFEST), f"{uri}/{version}")
+
+
+def version_path(uri: str, version: str = "latest", *, name: str | None = None) -> str:
+    """URI of a version's folder, for `pd.read_parquet` or `datasets.load_dataset`."""
+    version = resolve_version(uri, version, name=name)
+    return f"{(dataset_uri(uri, name) if name else uri).rstrip('/')}/{version}"
+
+
+def _read_files(uri: str, version: str, name: str | None, key: str, table_schema: pa.Schema,
+                verify: bool) -> pa.Table:
+    manifest = read_manifest(uri, version, name=name)
+    fs, path, uri = _dataset_dir(uri, name)
+    tables = []
+    for entry in manifest[key]:
+        file_path = posixpath.join(path, manifest["version"], entry["path"])
+        data = fs.cat_file(file_path)
+        if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StoreError(f"{uri}/{manifest['version']}/{entry['path']}: sha256 mismatch")
+        tables.append(pq.read_table(pa.BufferReader(data)))
+    if not tables:
+        return schema.empty(table_schema)
+    return schema.validate(pa.concat_tables(tables), table_schema, what=f"{uri}/{version}")
+
+
+def read_triplets_table(uri: str, version: str = "latest", *, name: str | None = None,
+                        verify: bool = False) -> pa.Table:
+    """The triplets of one version as an Arrow table (see `read_triplets`)."""
+    return _read_files(uri, version, name, "files", schema.TRIPLETS, verify)
+
+
+def read_triplets(uri: str, version: str = "latest", *, name: str | None = None,
+                  verify: bool = False) -> pd.DataFrame:
+    """The triplets of one version as a pandas DataFrame.
+
+    `uri` is the dataset (`{store}/{name}`), or the store when `name` is given. `version` is a
+    version id or 'latest'. With `verify`, each file's sha256 is checked against the manifest.
+    """
+    return read_triplets_table(uri, version, name=name, verify=verify).to_pandas()
+
+
+def read_dropped(uri: str, version: str = "latest", *, name: str | None = None) -> pd.DataFrame:
+    """What selection left out of one version, with a reason per row."""
+    return _read_files(uri, version, name, "dropped_files", schema.DROPPED, False).to_pandas()

@@ -1,0 +1,43 @@
+"""Shared fixtures. Tests run offline and on CPU: nothing may reach the Hugging Face hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+# Set before any Hugging Face library is imported by a test module.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Keep `datasets` caches out of the home folder (read when `datasets` is first imported).
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="cpo-data-tests-hf-")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def rows() -> list[dict]:
+    """Three labelled rows in two directions, in the demo corpus's layout."""
+    return [
+        {"src_lang": "de", "tgt_lang": "en", "src": "Der Zug fährt um acht Uhr ab.",
+         "ref": "The train leaves at eight o'clock.", "sys_a": "The train departs at eight.",
+         "sys_b": "The train drives at eight clock off.", "delta": 2.0},
+        {"src_lang": "en", "tgt_lang": "de", "src": "Please close the window.",
+         "ref": "Bitte schließen Sie das Fenster.", "sys_a": "Bitte das Fenster.",
+         "sys_b": "Bitte schließe das Fenster.", "delta": -1.5},
+        {"src_lang": "de", "tgt_lang": "en", "src": "Es regnet seit gestern.",
+         "ref": "It has been raining since yesterday.", "sys_a": "It rains since yesterday.",
+         "sys_b": "It has been raining since yesterday.", "delta": 0},
+    ]

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from cpo_data.config import (
+    ALMA_PROMPT,
+    BuildConfig,
+    ConfigError,
+    SelectConfig,
+    SourcesConfig,
+    load_config,
+)
+from tests.conftest import REPO_ROOT
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "build.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+sources:
+  - path: data.jsonl
+    src_lang: de
+    tgt_lang: en
+publish:
+  uri: store
+  name: mine
+"""
+
+
+def test_good_config_loads_and_resolves_relative_paths(tmp_path):
+    config = load_config(_write(tmp_path, GOOD))
+    assert isinstance(config, BuildConfig)
+    assert config.sources[0].path == str(tmp_path / "data.jsonl")
+    assert config.publish.uri == str(tmp_path / "store")
+    assert config.select.prompt_template == ALMA_PROMPT
+
+
+def test_demo_config_loads():
+    config = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert config.sources[0].label_positive == "system_a"
+    assert Path(config.sources[0].path).is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace("src_lang: de", "src_lang: de\n    src_colum: x"),
+         r"sources\[0\]\.src_colum: unknown key"),
+        (GOOD.replace("name: mine", "name: 3"), r"publish\.name: expected str, got int"),
+        (GOOD.replace("  name: mine\n", ""), r"publish\.name: required key is missing"),
+        (GOOD.replace("src_lang: de", "src_lang: xx"), r"sources\[0\]\.src_lang: unknown language"),
+        (GOOD + "select:\n  prompt_template: 'no source here'\n",
+         r"select\.prompt_template: must contain \{src\}"),
+        (GOOD.replace("uri: store", "uri: [a]"), r"publish\.uri: expected str, got list"),
+        ("sources: []\npublish: {uri: s, name: n}\n", r"sources: list at least one"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_label_must_name_mapped_systems():
+    with pytest.raises(ConfigError, match="label_negative: 'b' is not one of the mapped"):
+        SourcesConfig(path="x", src_lang="de", tgt_lang="en", systems={"a": "a"},
+                      label_column="delta", label_positive="a", label_negative="b")
+
+
+def test_languages_required_per_file_or_per_row():
+    with pytest.raises(ConfigError, match="tgt_lang: set tgt_lang"):
+        SourcesConfig(path="x", src_lang="de")
+    assert SourcesConfig(path="x", src_lang_column="s", tgt_lang_column="t").src_lang is None
+
+
+def test_prompt_template_with_unknown_placeholder_is_refused():
+    with pytest.raises(ConfigError, match="prompt_template: cannot be filled"):
+        SelectConfig(prompt_template="{src} {nope}")

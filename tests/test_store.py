@@ -1,0 +1,201 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cpo_data import schema, store
+from cpo_data.testing import sample_dropped, sample_triplets
+
+
+def _publish(root, seed=0, name="mt", **kwargs):
+    return store.publish_triplets(sample_triplets(3, seed=seed), str(root), name,
+                                  {"seed": seed}, **kwargs)
+
+
+def test_round_trip_keeps_every_value(tmp_path):
+    table = sample_triplets(3)
+    version = store.publish_triplets(table, str(tmp_path), "mt", {"config": {"a": 1}})
+    frame = store.read_triplets(str(tmp_path / "mt"), version)
+    assert isinstance(frame, pd.DataFrame)
+    expected = table.to_pandas().sort_values("id").reset_index(drop=True)
+    got = frame.sort_values("id").reset_index(drop=True)
+    assert got.drop(columns=["chosen_scores", "rejected_scores"]).equals(
+        expected.drop(columns=["chosen_scores", "rejected_scores"]))
+    assert [list(x) for x in got["chosen_scores"]] == [list(x) for x in expected["chosen_scores"]]
+    # The same version through the store root and a name.
+    assert len(store.read_triplets(str(tmp_path), version, name="mt")) == 6
+
+
+def test_manifest_has_counts_hashes_schema_and_provenance(tmp_path):
+    dropped = sample_dropped(["s1", "s2"], reason="margin_below_min")
+    version = _publish(tmp_path, dropped=dropped)
+    folder = tmp_path / "mt" / version
+    manifest = json.loads((folder / store.MANIFEST).read_text())
+    assert manifest["version"] == version and manifest["name"] == "mt"
+    assert manifest["schema_version"] == schema.SCHEMA_VERSION
+    assert manifest["rows"] == 6
+    assert manifest["rows_per_lang_pair"] == {"de-en": 3, "en-de": 3}
+    assert manifest["dropped_per_reason"] == {"margin_below_min": 2}
+    assert manifest["provenance"] == {"seed": 0}
+    for entry in manifest["files"] + manifest["dropped_files"]:
+        data = (folder / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data) == entry["bytes"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "__dropped__", "_manifest.json", "de-en", "en-de"]
+    assert store.read_dropped(str(tmp_path / "mt"))["reason"].tolist() == ["margin_below_min"] * 2
+
+
+def test_versions_are_listed_in_order_and_latest_is_newest(tmp_path):
+    versions = [_publish(tmp_path, seed=s) for s in range(3)]
+    listed = [m["version"] for m in store.list_versions(str(tmp_path / "mt"))]
+    assert listed == versions
+    assert store.resolve_version(str(tmp_path / "mt")) == versions[-1]
+    latest = store.read_triplets(str(tmp_path / "mt"))
+    assert latest["src"].str.startswith("source 2-").all()
+    first = store.read_triplets(str(tmp_path / "mt"), versions[0])
+    assert first["src"].str.startswith("source 0-").all()
+    with pytest.raises(store.StoreError, match="no version 'nope'"):
+        store.read_triplets(str(tmp_path / "mt"), "nope")
+
+
+def test_version_folder_opens_with_pandas_and_datasets(tmp_path):
+    import datasets
+
+    version = _publish(tmp_path, dropped=sample_dropped(["s1"]))
+    folder = store.version_path(str(tmp_path / "mt"), version)
+    frame = pd.read_parquet(folder)
+    assert {"prompt", "chosen", "rejected", "lang_pair"} <= set(frame.columns)
+    assert len(frame) == 6  # the dropped rows and the manifest are not read as triplets
+    for loaded in (datasets.load_dataset("parquet", data_files=f"{folder}/*/*.parquet"),
+                   datasets.load_dataset(folder)):
+        train = loaded["train"]
+        assert train.num_rows == 6
+        assert {"prompt", "chosen", "rejected", "lang_pair"} <= set(train.column_names)
+        assert sorted(set(train["lang_pair"])) == ["de-en", "en-de"]
+
+
+def test_publish_failing_mid_write_leaves_no_version_and_keeps_latest(tmp_path, monkeypatch):
+    before = _publish(tmp_path, seed=0)
+    calls = {"n": 0}
+    real = store._parquet_bytes
+
+    def fail_on_second_file(table):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(table)
+
+    monkeypatch.setattr(store, "_parquet_bytes", fail_on_second_file)
+    with pytest.raises(OSError, match="disk full"):
+        _publish(tmp_path, seed=1)
+    assert [m["version"] for m in store.list_versions(str(tmp_path / "mt"))] == [before]
+    assert store.resolve_version(str(tmp_path / "mt")) == before
+    assert sorted(p.name for p in (tmp_path / "mt").iterdir()) == [before]  # temp removed
+
+
+def test_publish_killed_mid_write_leaves_no_version_and_keeps_latest(tmp_path):
+    before = _publish(tmp_path, seed=0)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from cpo_data import store
+        from cpo_data.testing import sample_triplets
+        real = store._parquet_bytes
+        calls = []
+        def kill_on_second_file(table):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(table)
+        store._parquet_bytes = kill_on_second_file
+        store.publish_triplets(sample_triplets(3, seed=1), {str(tmp_path)!r}, "mt", {{}})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert result.returncode == -9
+    leftovers = [p.name for p in (tmp_path / "mt").iterdir() if p.name != before]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-")  # half-written, hidden
+    assert [m["version"] for m in store.list_versions(str(tmp_path / "mt"))] == [before]
+    assert store.read_triplets(str(tmp_path / "mt"))["src"].str.startswith("source 0-").all()
+    after = _publish(tmp_path, seed=2)  # the store still works
+    assert store.resolve_version(str(tmp_path / "mt")) == after
+
+
+def test_object_store_writes_manifest_last(tmp_path):
+    """On a filesystem without rename (memory://, like s3://) the manifest commits the version."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    written = []
+    real_pipe = fs.pipe_file
+
+    def record(path, data, **kwargs):
+        written.append(path)
+        return real_pipe(path, data, **kwargs)
+
+    fs.pipe_file = record
+    try:
+        version = store.publish_triplets(sample_triplets(2), "memory://bucket/store", "mt", {})
+        assert written[-1].endswith(f"/mt/{version}/_manifest.json")
+        assert len(store.read_triplets("memory://bucket/store/mt", verify=True)) == 4
+        # A version whose manifest never arrived is invisible.
+        fs.pipe_file("/bucket/store/mt/20990101-000000-abcdef/de-en/part-00000.parquet", b"x")
+        assert store.resolve_version("memory://bucket/store/mt") == version
+    finally:
+        del fs.pipe_file
+        fs.rm("/bucket", recursive=True)
+
+
+def test_store_path_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "store"
+    path.write_text("not a folder")
+    with pytest.raises(store.StoreError, match=rf"{path}: store path is a file"):
+        _publish(path)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "mt").write_text("x")
+    with pytest.raises(store.StoreError, match="ds/mt: store path is a file"):
+        _publish(tmp_path / "ds")
+    with pytest.raises(store.StoreError, match="store path is a file"):
+        store.read_triplets(str(path))
+
+
+def test_bad_tables_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(schema.SchemaError, match="triplets: missing column 'prompt'"):
+        store.publish_triplets(sample_triplets(1).drop_columns(["prompt"]), str(tmp_path), "mt")
+    with pytest.raises(store.StoreError, match="nothing to publish"):
+        store.publish_triplets(sample_triplets(0), str(tmp_path), "mt")
+    with pytest.raises(store.StoreError, match="not JSON-serializable"):
+        store.publish_triplets(sample_triplets(1), str(tmp_path), "mt", {"x": object()})
+    assert not (tmp_path / "mt").exists() or not os.listdir(tmp_path / "mt")
+
+
+def test_reading_an_empty_or_missing_dataset_says_so(tmp_path):
+    with pytest.raises(store.StoreError, match="no such dataset"):
+        store.read_triplets(str(tmp_path / "none"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(store.StoreError, match="no published version"):
+        store.read_triplets(str(tmp_path / "empty"))
+
+
+def test_verify_detects_a_changed_file(tmp_path):
+    version = _publish(tmp_path)
+    part = next(Path(tmp_path / "mt" / version / "de-en").iterdir())
+    other = store._parquet_bytes(sample_triplets(3, pairs=("de-en",), seed=9))
+    part.write_bytes(other)
+    assert len(store.read_triplets(str(tmp_path / "mt"))) == 6  # unverified read
+    with pytest.raises(store.StoreError, match="sha256 mismatch"):
+        store.read_triplets(str(tmp_path / "mt"), verify=True)
+
+
+def test_public_api_is_importable_from_the_package(tmp_path):
+    import cpo_data
+
+    version = cpo_data.publish_triplets(sample_triplets(1), str(tmp_path), "mt", {"a": 1})
+    frame = cpo_data.read_triplets(str(tmp_path / "mt"), version="latest")
+    assert list(frame["chosen"]) == sorted(frame["chosen"]) and len(frame) == 2
+    assert cpo_data.read_manifest(str(tmp_path / "mt"))["version"] == version

@@ -1,0 +1,1 @@
+"""CPO/ORPO training on a published triplet version: losses, data, and one readable loop."""
