@@ -101,6 +101,113 @@ class SourcesConfig:
                 _check_lang("directions", code)
 
 
+DECODING_STRATEGIES = ("greedy", "beam", "sample")
+MODEL_KINDS = ("auto", "causal", "seq2seq")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LANGUAGE_TOKENS = ("auto", "nllb", "m2m", "none")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """One Hugging Face model that translates the sources into candidates."""
+
+    name: str
+    """System name its candidates carry (e.g. alma-13b-lora)."""
+    model: str
+    """Hub id (haoranxu/ALMA-13B-Pretrain) or local folder."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); pins what the cache keys on."""
+    adapter: str | None = None
+    """LoRA adapter (hub id or folder) applied on top of `model`, as ALMA ships."""
+    kind: str = "auto"
+    """auto (from the model config), causal (decoder-only) or seq2seq (Marian, NLLB, M2M100)."""
+    prompt_template: str = ALMA_PROMPT
+    """Prompt for causal models: {Src}, {Tgt} (English names), {src}, {src_lang}, {tgt_lang}."""
+    use_chat_template: bool = False
+    """Wrap the prompt as a user turn with the tokenizer's chat template (chat models)."""
+    language_tokens: str = "auto"
+    """seq2seq only: nllb (deu_Latn), m2m (__de__), none (Marian), or auto from the tokenizer."""
+    strategy: str = "greedy"
+    """greedy, beam (num_beams, top num_candidates kept) or sample (temperature, top_p, seed)."""
+    num_candidates: int = 1
+    """Candidates per source."""
+    num_beams: int = 4
+    """Beam width for strategy beam."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Sampling seed; each batch starts from it, so a run is reproducible."""
+    max_new_tokens: int = 256
+    """Longest output, in tokens."""
+    max_source_tokens: int = 256
+    """Longer sources are truncated to this many tokens (counted and reported)."""
+    token_budget: int = 16384
+    """Tokens per batch: rows x (prompt + new tokens) x sequences per row."""
+    max_batch_size: int = 64
+    """Rows per batch at most, whatever the budget allows."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda, cuda:N."""
+    dtype: str = "auto"
+    """auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), or a dtype name."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("name", "give the system a name")
+        if not self.model:
+            _fail("model", "name a hub id or a local folder")
+        if self.kind not in MODEL_KINDS:
+            _fail("kind", f"{self.kind!r} is not one of {', '.join(MODEL_KINDS)}")
+        if self.strategy not in DECODING_STRATEGIES:
+            _fail("strategy", f"{self.strategy!r} is not one of {', '.join(DECODING_STRATEGIES)}")
+        if self.language_tokens not in LANGUAGE_TOKENS:
+            _fail("language_tokens",
+                  f"{self.language_tokens!r} is not one of {', '.join(LANGUAGE_TOKENS)}")
+        if self.dtype not in DTYPES:
+            _fail("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            _fail("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.num_candidates < 1:
+            _fail("num_candidates", "must be at least 1")
+        if self.strategy == "greedy" and self.num_candidates != 1:
+            _fail("num_candidates", "greedy decoding gives one candidate; use beam or sample")
+        if self.strategy == "beam" and self.num_candidates > self.num_beams:
+            _fail("num_candidates", f"cannot exceed num_beams ({self.num_beams})")
+        if self.temperature <= 0:
+            _fail("temperature", "must be positive")
+        if not 0 < self.top_p <= 1:
+            _fail("top_p", "must be in (0, 1]")
+        for key in ("max_new_tokens", "max_source_tokens", "token_budget", "max_batch_size"):
+            if getattr(self, key) < 1:
+                _fail(key, "must be at least 1")
+        if "{src}" not in self.prompt_template:
+            _fail("prompt_template", "must contain {src}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Which candidates each source gets: provided system outputs and generated ones."""
+
+    provided_systems: tuple[str, ...] | None = None
+    """Provided systems that become candidates; null means every one in the sources."""
+    include_reference: bool = False
+    """Whether the reference is a candidate too (ALMA-R: yes)."""
+    reference_name: str = "ref"
+    """System name the reference carries when it is a candidate."""
+    models: tuple[GeneratorConfig, ...] = ()
+    """Hugging Face models that generate candidates."""
+    cache_dir: str | None = None
+    """Generation cache (local path or fsspec URI); null turns caching off."""
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            _fail("models", f"system names must be distinct, got {names}")
+        if self.reference_name in names:
+            _fail("reference_name", f"{self.reference_name!r} is also a model's name")
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """How chosen/rejected pairs are picked and how their prompt is written."""

@@ -149,7 +149,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, dict]]:
     except (pa.ArrowInvalid, OSError) as error:
         raise SourceError(path, None, None, f"not a readable Parquet file: {error}") from None
     number = 0
-    for batch in parquet.iter_batches(batch_size=4096):
+    for batch in parquet.iter_batches(batch_size=4096, use_threads=False):
         for row in batch.to_pylist():
             number += 1
             yield number, row

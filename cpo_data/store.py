@@ -237,7 +237,7 @@ def _read_files(uri: str, version: str, name: str | None, key: str, table_schema
         data = fs.cat_file(file_path)
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise StoreError(f"{uri}/{manifest['version']}/{entry['path']}: sha256 mismatch")
-        tables.append(pq.read_table(pa.BufferReader(data)))
+        tables.append(pq.read_table(pa.BufferReader(data), use_threads=False))  # see cache.py
     if not tables:
         return schema.empty(table_schema)
     return schema.validate(pa.concat_tables(tables), table_schema, what=f"{uri}/{version}")

@@ -51,3 +51,150 @@ def sample_dropped(source_ids: list[str], reason: str = "single_candidate") -> p
     rows = [{"source_id": s, "lang_pair": "de-en", "reason": reason, "detail": None}
             for s in source_ids]
     return pa.Table.from_pylist(rows, schema=schema.DROPPED)
+
+
+# ---- tiny Hugging Face models, built locally in seconds ------------------------------------------
+
+_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def _training_texts() -> list[str]:
+    """Text to train the tiny tokenizers on: the demo corpus, prompt words and language tags."""
+    import json
+    from pathlib import Path
+
+    corpus = Path(__file__).resolve().parent.parent / "data" / "demo" / "demo.jsonl"
+    texts = ["Translate this from German to English:", "Translate this from English to German:",
+             "German: English: Czech: Icelandic: Chinese: Russian:", "user assistant system"]
+    if corpus.is_file():
+        for line in corpus.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            texts += [row["src"], row["ref"], row["system_a"], row["system_b"]]
+    return texts
+
+
+def train_tokenizer(extra_special_tokens: tuple[str, ...] = (), vocab_size: int = 600,
+                    add_bos: bool = True):
+    """A byte-level BPE tokenizer trained here, wrapped as a `PreTrainedTokenizerFast`.
+
+    Byte-level so that every text (umlauts, newlines) round-trips through encode/decode.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=_SPECIALS + list(extra_special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_texts(), trainer=trainer)
+    if add_bos:
+        bos = tokenizer.token_to_id("<s>")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", additional_special_tokens=list(extra_special_tokens) or None,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def build_tiny_causal_lm(path, seed: int = 0, hidden_size: int = 32, layers: int = 2,
+                         chat_template: bool = False):
+    """A Llama-architecture causal LM with random weights, saved as an ordinary HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer()
+    if chat_template:
+        tokenizer.chat_template = (
+            "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}"
+        )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_marian(path, seed: int = 0, d_model: int = 32, layers: int = 2):
+    """A Marian-architecture encoder-decoder with random weights, saved as an HF folder."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    tokenizer = train_tokenizer(add_bos=False)
+    # Marian encodes "text </s>" and starts decoding from the pad token.
+    from tokenizers import processors
+
+    backend = tokenizer.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
+    config = MarianConfig(
+        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers,
+        decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=d_model * 2, decoder_ffn_dim=d_model * 2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=None,
+        init_std=0.5,  # large random weights: outputs then depend on the source
+    )
+    torch.manual_seed(seed)
+    model = MarianMTModel(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_nllb(path, seed: int = 0, d_model: int = 32, layers: int = 2,
+                    language_codes: tuple[str, ...] | None = None):
+    """An NLLB-style model (M2M100 architecture) with random weights, saved as an HF folder.
+
+    With `language_codes` unset the tokenizer is a real `NllbTokenizerFast` (all FLORES-200
+    codes); with a tuple of codes it is a plain fast tokenizer carrying only those, as a pruned
+    or custom model would.
+    """
+    import tempfile
+
+    import torch
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizerFast
+
+    if language_codes is None:
+        base = train_tokenizer(add_bos=False)
+        with tempfile.TemporaryDirectory() as folder:
+            base.save_pretrained(folder)
+            tokenizer = NllbTokenizerFast(tokenizer_file=f"{folder}/tokenizer.json",
+                                          src_lang="eng_Latn", tgt_lang="deu_Latn")
+    else:
+        from tokenizers import processors
+
+        tokenizer = train_tokenizer(extra_special_tokens=language_codes, add_bos=False)
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A $B </s>",
+            special_tokens=[("</s>", tokenizer.eos_token_id)])
+    config = M2M100Config(
+        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=d_model * 2,
+        decoder_ffn_dim=d_model * 2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+        init_std=0.5,  # large random weights: outputs then depend on the source
+    )
+    torch.manual_seed(seed)
+    model = M2M100ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.decoder_start_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,362 @@
+"""Candidate generation with Hugging Face models: causal LMs (ALMA, chat models), Marian, NLLB,
+M2M100, with LoRA adapters through peft.
+
+Batches are filled by token count, not row count: sources are sorted by tokenized length and
+each batch takes rows while rows x (longest prompt + new tokens) x sequences per row stays under
+the budget; results come back in the caller's order. Causal models are left-padded so every row's
+new tokens start at the same column. On CUDA out-of-memory a batch is split in half and retried.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpo_data.config import GeneratorConfig
+from cpo_data.generate import Generated, GenerateError, Request
+from cpo_data.langs import get_language
+from cpo_data.select import render_prompt
+
+log = logging.getLogger(__name__)
+
+_HEAD_BYTES = 1 << 20
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1
+
+
+def _load_error(model: str, error: Exception) -> GenerateError:
+    if _looks_like_path(model) or Path(model).expanduser().exists():
+        return GenerateError(f"model path {model!r} does not exist or is not a model folder "
+                             f"({error})")
+    return GenerateError(
+        f"cannot load {model!r}: it is not a local folder and the Hugging Face hub did not "
+        f"provide it ({type(error).__name__}: {error}). This machine may be offline "
+        "(HF_HUB_OFFLINE, no network): download the model where there is a network "
+        "(huggingface-cli download) and point `model` at the folder or the HF cache."
+    )
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Names, sizes and the first and last MiB of every file: cheap for 26 GB of weights, and
+    a retrained or re-downloaded model still changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder)}\0{size}\0".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(_HEAD_BYTES))
+            if size > 2 * _HEAD_BYTES:
+                f.seek(-_HEAD_BYTES, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:32]
+
+
+def weights_fingerprint(model: str, revision: str | None) -> str:
+    """What identifies a model's weights: a folder's content, or a hub repo's commit."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return f"folder:{_folder_fingerprint(local)}"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json", revision=revision)
+    if isinstance(cached, str):  # .../snapshots/<commit>/config.json
+        return f"hub:{model}@{Path(cached).parent.name}"
+    return f"hub:{model}@{revision or 'main'}"
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerateError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@functools.lru_cache(maxsize=4)
+def _load(model: str, revision: str | None, adapter: str | None, kind: str, device: str,
+          dtype: str) -> tuple[Any, Any, bool]:
+    """Model and tokenizer, loaded once per process for the same arguments."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as error:
+        raise _load_error(model, error) from None
+    seq2seq = config.is_encoder_decoder if kind == "auto" else kind == "seq2seq"
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    loader = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    network = loader.from_pretrained(model, revision=revision, dtype=torch_dtype)
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            network = PeftModel.from_pretrained(network, adapter)
+        except (OSError, ValueError) as error:
+            raise _load_error(adapter, error) from None
+        # Merged weights generate as fast as the base model; the adapter stays on disk as is.
+        network = network.merge_and_unload()
+    network.to(torch_device).eval()
+    if not seq2seq:
+        tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return network, tokenizer, seq2seq
+
+
+def _language_tokens(tokenizer: Any, configured: str) -> str | None:
+    """Which language-token scheme a seq2seq tokenizer uses: nllb, m2m, or none (Marian)."""
+    if configured != "auto":
+        return None if configured == "none" else configured
+    name = type(tokenizer).__name__
+    if name.startswith("Nllb"):
+        return "nllb"
+    if name.startswith("M2M100"):
+        return "m2m"
+    return None
+
+
+class HFGenerator:
+    """A `Generator` over one Hugging Face model (and optional LoRA adapter)."""
+
+    def __init__(self, config: GeneratorConfig):
+        self.config = config
+        self.name = config.name
+        self.model, self.tokenizer, self.seq2seq = _load(
+            config.model, config.revision, config.adapter, config.kind, config.device,
+            config.dtype)
+        self.device = next(self.model.parameters()).device
+        self.scheme = (_language_tokens(self.tokenizer, config.language_tokens) if self.seq2seq
+                       else None)
+        self._src_token_id: int | None = None
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.context = positions or 1 << 30
+        self.identity = {
+            "kind": "seq2seq" if self.seq2seq else "causal",
+            # A folder is known by its content, so moving it keeps the cache; a hub id by name.
+            "model": None if Path(config.model).expanduser().is_dir() else config.model,
+            "weights": weights_fingerprint(config.model, config.revision),
+            "adapter": config.adapter,
+            "adapter_weights": (weights_fingerprint(config.adapter, None)
+                                if config.adapter else None),
+            "dtype": str(self.model.dtype),
+            "prompt": None if self.seq2seq else config.prompt_template,
+            "chat_template": None if self.seq2seq or not config.use_chat_template
+            else self.tokenizer.chat_template,
+            "language_tokens": self.scheme,
+            "max_source_tokens": config.max_source_tokens,
+            "decoding": self.decoding,
+        }
+        # Counters for tests, benchmarks and the run summary.
+        self.batches = 0
+        self.oom_splits = 0
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        c = self.config
+        decoding: dict[str, Any] = {"strategy": c.strategy, "num_candidates": c.num_candidates,
+                                    "max_new_tokens": c.max_new_tokens}
+        if c.strategy == "beam":
+            decoding["num_beams"] = c.num_beams
+        if c.strategy == "sample":
+            decoding.update(temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+        return decoding
+
+    # ---- prompts ------------------------------------------------------------------------------
+
+    def _source_limit(self, prompt_overhead: int) -> int:
+        room = self.context - self.config.max_new_tokens - prompt_overhead
+        return max(1, min(self.config.max_source_tokens, room))
+
+    def _truncate(self, text: str, limit: int) -> tuple[str, bool]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return text, False
+        return self.tokenizer.decode(ids[:limit], skip_special_tokens=True), True
+
+    def _prompt_ids(self, request: Request) -> tuple[list[int], bool]:
+        """Token ids the model reads for one request; truncation cuts the source text only, so
+        the prompt's instruction and its closing `{Tgt}:` survive."""
+        if self.seq2seq:
+            src, cut = self._truncate(request.src, self._source_limit(4))
+            ids = self.tokenizer(src)["input_ids"]
+            if self._src_token_id is not None and ids[:1] != [self._src_token_id]:
+                ids = [self._src_token_id, *ids]  # tokenizers without a src_lang setting
+            return ids, cut
+        empty = self._render(request, "")
+        overhead = len(self.tokenizer(empty, add_special_tokens=not self.config.use_chat_template)
+                       ["input_ids"])
+        src, cut = self._truncate(request.src, self._source_limit(overhead))
+        text = self._render(request, src)
+        ids = self.tokenizer(text, add_special_tokens=not self.config.use_chat_template)
+        return ids["input_ids"], cut
+
+    def _render(self, request: Request, src: str) -> str:
+        prompt = render_prompt(self.config.prompt_template, request.src_lang, request.tgt_lang,
+                               src)
+        if not self.config.use_chat_template:
+            return prompt
+        if not self.tokenizer.chat_template:
+            raise GenerateError(f"{self.name}: use_chat_template is set but the tokenizer of "
+                                f"{self.config.model!r} has no chat template")
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+    def _language_setup(self, src_lang: str, tgt_lang: str) -> dict[str, Any]:
+        """Source-language state on the tokenizer and the forced first target token."""
+        if self.scheme is None:
+            return {}
+        src, tgt = get_language(src_lang), get_language(tgt_lang)
+        codes = ({"src": src.nllb, "tgt": tgt.nllb} if self.scheme == "nllb"
+                 else {"src": src.m2m, "tgt": tgt.m2m})
+        tgt_token = codes["tgt"] if self.scheme == "nllb" else f"__{codes['tgt']}__"
+        src_token = codes["src"] if self.scheme == "nllb" else f"__{codes['src']}__"
+        vocab = self.tokenizer.get_vocab()
+        for lang, token in ((src_lang, src_token), (tgt_lang, tgt_token)):
+            if token not in vocab:
+                raise GenerateError(f"{self.name}: the tokenizer of {self.config.model!r} has "
+                                    f"no language token for {lang!r} ({token})")
+        if hasattr(self.tokenizer, "src_lang"):
+            self.tokenizer.src_lang = codes["src"]
+        self._src_token_id = vocab[src_token]
+        return {"forced_bos_token_id": vocab[tgt_token]}
+
+    # ---- batching -----------------------------------------------------------------------------
+
+    def _sequences_per_row(self) -> int:
+        c = self.config
+        return c.num_beams if c.strategy == "beam" else c.num_candidates
+
+    def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Row indices per batch: longest first, each batch under the token budget."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        width = self._sequences_per_row()
+        batches, current, longest = [], [], 0
+        for i in order:
+            longest_if_added = max(longest, lengths[i])
+            cost = (len(current) + 1) * (longest_if_added + self.config.max_new_tokens) * width
+            if current and (cost > self.config.token_budget
+                            or len(current) >= self.config.max_batch_size):
+                batches.append(current)
+                current, longest_if_added = [], lengths[i]
+            current.append(i)
+            longest = longest_if_added
+        if current:
+            batches.append(current)
+        return batches
+
+    def _generation_kwargs(self) -> dict[str, Any]:
+        c = self.config
+        kwargs: dict[str, Any] = {"max_new_tokens": c.max_new_tokens,
+                                  "num_return_sequences": c.num_candidates,
+                                  "pad_token_id": self.tokenizer.pad_token_id}
+        if c.strategy == "greedy":
+            kwargs.update(do_sample=False, num_beams=1)
+        elif c.strategy == "beam":
+            kwargs.update(do_sample=False, num_beams=c.num_beams)
+        else:
+            kwargs.update(do_sample=True, temperature=c.temperature, top_p=c.top_p, top_k=0,
+                          num_beams=1)
+        if not self.seq2seq and self.tokenizer.eos_token_id is not None:
+            kwargs["eos_token_id"] = self.tokenizer.eos_token_id
+        return kwargs
+
+    def _clean(self, text: str) -> str:
+        # ALMA-style causal models run on past the translation: keep the first line only.
+        if not self.seq2seq:
+            text = text.lstrip().split("\n", 1)[0]
+        return text.strip()
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Pad to the longest row: on the left for causal models, on the right for seq2seq."""
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            span = slice(width - len(row), width) if not self.seq2seq else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    @torch.inference_mode()
+    def _generate_batch(self, ids: list[list[int]], extra: dict[str, Any]) -> list[list[str]]:
+        inputs = {k: v.to(self.device) for k, v in self._pad(ids).items()}
+        if self.config.strategy == "sample":
+            torch.manual_seed(self.config.seed)
+        output = self.model.generate(**inputs, **self._generation_kwargs(), **extra)
+        if not self.seq2seq:
+            output = output[:, inputs["input_ids"].shape[1]:]
+        texts = [self._clean(t) for t in
+                 self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        n = self.config.num_candidates
+        self.batches += 1
+        return [texts[i * n:(i + 1) * n] for i in range(len(ids))]
+
+    def _generate_splitting(self, ids: list[list[int]], extra: dict[str, Any]) -> list[list[str]]:
+        try:
+            return self._generate_batch(ids, extra)
+        except torch.cuda.OutOfMemoryError:
+            if len(ids) == 1:
+                raise
+            self.oom_splits += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(ids) // 2
+            log.warning("%s: out of GPU memory on %d rows; retrying as %d + %d",
+                        self.name, len(ids), half, len(ids) - half)
+            return (self._generate_splitting(ids[:half], extra)
+                    + self._generate_splitting(ids[half:], extra))
+
+    def generate(self, requests: Sequence[Request]) -> list[Generated]:
+        """Candidates for each request, in order; batches are planned per language pair for
+        seq2seq models (the language tokens are per batch) and across pairs for causal ones."""
+        results: list[Generated | None] = [None] * len(requests)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, r in enumerate(requests):
+            if not r.src.strip():
+                raise GenerateError(f"source {r.source_id}: empty source text")
+            key = (r.src_lang, r.tgt_lang) if self.seq2seq else ("", "")
+            groups.setdefault(key, []).append(i)
+        for (src_lang, tgt_lang), members in groups.items():
+            extra = self._language_setup(src_lang, tgt_lang) if self.seq2seq else {}
+            encoded = [self._prompt_ids(requests[i]) for i in members]
+            for batch in self.plan_batches([len(ids) for ids, _ in encoded]):
+                outputs = self._generate_splitting([encoded[j][0] for j in batch], extra)
+                for j, texts in zip(batch, outputs, strict=True):
+                    results[members[j]] = Generated(texts=texts, truncated=encoded[j][1])
+        return results  # type: ignore[return-value]
+
+
+def load_generator(config: GeneratorConfig) -> HFGenerator:
+    """The generator for one configured model (weights loaded once per process)."""
+    return HFGenerator(config)
+
+
+def describe(generator: HFGenerator) -> str:
+    """One line for logs: which model, on what, decoding how."""
+    return (f"{generator.name}: {generator.config.model} on {generator.device} "
+            f"({generator.model.dtype}), {json.dumps(generator.decoding)}")

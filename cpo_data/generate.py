@@ -1,0 +1,194 @@
+"""Candidates per source: provided system outputs plus translations from generator models.
+
+Identical texts for one source collapse into one row listing every system that produced it; an
+empty output is dropped with the reason `empty_output`. With a cache, a generator runs only for
+sources it has not translated before under the same identity (model weights, adapter, decoding,
+prompt), so adding sources to a build generates only for the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from cpo_data import schema
+from cpo_data.cache import ContentCache
+from cpo_data.config import GenerateConfig
+
+EMPTY_OUTPUT = "empty_output"
+
+
+class GenerateError(ValueError):
+    """Generation that cannot run as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One source to translate."""
+
+    source_id: str
+    src_lang: str
+    tgt_lang: str
+    src: str
+
+
+@dataclass
+class Generated:
+    """A generator's candidates for one request, best first."""
+
+    texts: list[str]
+    truncated: bool = False
+    """The source was longer than the model allows and was cut."""
+
+
+class Generator(Protocol):
+    """What the candidates stage needs from a model; the HF backend is one implementation."""
+
+    name: str
+    """System name the candidates carry."""
+    identity: dict[str, Any]
+    """What decides the outputs (weights fingerprint, decoding, prompt): the cache key."""
+
+    def generate(self, requests: Sequence[Request]) -> list[Generated]:
+        """Candidates for each request, in the same order."""
+        ...
+
+
+@dataclass
+class GenerateReport:
+    """What the candidates stage did, per system."""
+
+    provided: dict[str, int] = field(default_factory=dict)
+    """Candidates taken from provided columns, per system."""
+    generated: dict[str, int] = field(default_factory=dict)
+    """Sources a generator translated in this run, per system."""
+    from_cache: dict[str, int] = field(default_factory=dict)
+    """Sources served from the cache, per system."""
+    truncated: dict[str, int] = field(default_factory=dict)
+    """Sources cut to the model's limit, per system."""
+    empty_outputs: int = 0
+    merged_duplicates: int = 0
+    """Candidate texts that another system of the same source already produced."""
+    candidates: int = 0
+
+
+@dataclass
+class Candidates:
+    """The candidates table, the outputs dropped on the way, and the report."""
+
+    table: pa.Table
+    dropped: pa.Table
+    report: GenerateReport
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """Short stable hash of a generator or scorer identity."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def request_key(request: Request) -> str:
+    """Cache key of one source under a fixed identity: its direction and text."""
+    text = f"{request.src_lang}-{request.tgt_lang}\n{request.src}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_generator(generator: Generator, requests: list[Request], cache_dir: str | None,
+                   report: GenerateReport) -> list[Generated]:
+    name = generator.name
+    cache = (ContentCache(cache_dir, f"generate-{identity_key(generator.identity)}",
+                          generator.identity) if cache_dir else None)
+    keys = [request_key(r) for r in requests]
+    cached = cache.get_many(set(keys)) if cache is not None else {}
+    missing = [r for r, k in zip(requests, keys, strict=True) if k not in cached]
+    fresh: dict[str, Generated] = {}
+    if missing:
+        outputs = generator.generate(missing)
+        if len(outputs) != len(missing):
+            raise GenerateError(f"{name}: returned {len(outputs)} results for "
+                                f"{len(missing)} sources")
+        fresh = {request_key(r): o for r, o in zip(missing, outputs, strict=True)}
+        if cache is not None:
+            cache.put_many({k: {"texts": o.texts, "truncated": o.truncated}
+                            for k, o in fresh.items()})
+    report.generated[name] = len(missing)
+    report.from_cache[name] = len(requests) - len(missing)
+    results = [fresh[k] if k in fresh else Generated(**cached[k]) for k in keys]
+    report.truncated[name] = sum(g.truncated for g in results)
+    return results
+
+
+def generate_candidates(
+    sources: pa.Table,
+    config: GenerateConfig,
+    generators: Sequence[Generator] = (),
+) -> Candidates:
+    """The candidates table for `sources`: provided outputs, then each generator's."""
+    rows = schema.validate(sources, schema.SOURCES, what="sources").to_pylist()
+    report = GenerateReport()
+    present = {s["system"] for row in rows for s in row["systems"]}
+    wanted = set(present if config.provided_systems is None else config.provided_systems)
+    unknown = wanted - present
+    if unknown and rows:
+        raise GenerateError(
+            f"provided_systems: {sorted(unknown)} not in the sources (they have {sorted(present)})")
+    for row in rows:
+        if not row["src"].strip():
+            raise GenerateError(f"source {row['source_id']} ({row['origin']}): empty source text")
+
+    # source_id -> text -> candidate row; dicts keep first-seen order.
+    by_source: dict[str, dict[str, dict]] = {row["source_id"]: {} for row in rows}
+    dropped: list[dict] = []
+
+    def add(row: dict, system: str, text: str | None, generator: str | None,
+            decoding: str | None, index: int = 0) -> bool:
+        """Add one output; False when it was empty and dropped."""
+        text = (text or "").strip()
+        if not text:
+            report.empty_outputs += 1
+            dropped.append({"source_id": row["source_id"], "lang_pair": row["lang_pair"],
+                            "reason": EMPTY_OUTPUT, "detail": f"{system} candidate {index}"})
+            return False
+        texts = by_source[row["source_id"]]
+        if text in texts:
+            report.merged_duplicates += 1
+            if system not in texts[text]["systems"]:
+                texts[text]["systems"].append(system)
+            return True
+        texts[text] = {"source_id": row["source_id"], "text": text, "systems": [system],
+                       "generator": generator, "decoding": decoding}
+        return True
+
+    def count_provided(system: str) -> None:
+        report.provided[system] = report.provided.get(system, 0) + 1
+
+    for row in rows:
+        if config.include_reference and row["ref"]:
+            if add(row, config.reference_name, row["ref"], None, None):
+                count_provided(config.reference_name)
+        for output in row["systems"]:
+            if output["system"] in wanted and add(row, output["system"], output["text"], None,
+                                                  None):
+                count_provided(output["system"])
+
+    requests = [Request(r["source_id"], r["src_lang"], r["tgt_lang"], r["src"]) for r in rows]
+    for generator in generators:
+        if generator.name in wanted or generator.name == config.reference_name:
+            raise GenerateError(f"models: {generator.name!r} is also a provided system's name")
+        decoding = json.dumps(generator.identity.get("decoding", {}), sort_keys=True)
+        results = _run_generator(generator, requests, config.cache_dir, report)
+        for row, result in zip(rows, results, strict=True):
+            for index, text in enumerate(result.texts):
+                add(row, generator.name, text, identity_key(generator.identity), decoding, index)
+
+    table = pa.Table.from_pylist(
+        [candidate for texts in by_source.values() for candidate in texts.values()],
+        schema=schema.CANDIDATES,
+    )
+    report.candidates = table.num_rows
+    return Candidates(table=table, dropped=pa.Table.from_pylist(dropped, schema=schema.DROPPED),
+                      report=report)
