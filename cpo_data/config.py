@@ -250,6 +250,8 @@ class BuildConfig:
     """One entry per source file."""
     publish: PublishConfig
     """Where the triplets go."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Which candidates each source gets."""
     select: SelectConfig = field(default_factory=SelectConfig)
     """How pairs are picked."""
 
@@ -344,4 +346,13 @@ def load_config(path: str | Path) -> BuildConfig:
         dataclasses.replace(s, path=_resolve_path(s.path, base)) for s in config.sources
     )
     publish = dataclasses.replace(config.publish, uri=_resolve_path(config.publish.uri, base))
-    return dataclasses.replace(config, sources=sources, publish=publish)
+    generate = config.generate
+    models = tuple(
+        # Only explicit relative paths: `org/name` is a hub id, not a folder.
+        dataclasses.replace(m, model=_resolve_path(m.model, base)) if m.model.startswith(".")
+        else m
+        for m in generate.models
+    )
+    cache_dir = _resolve_path(generate.cache_dir, base) if generate.cache_dir else None
+    generate = dataclasses.replace(generate, models=models, cache_dir=cache_dir)
+    return dataclasses.replace(config, sources=sources, publish=publish, generate=generate)

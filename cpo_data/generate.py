@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,6 +22,8 @@ from cpo_data.cache import ContentCache
 from cpo_data.config import GenerateConfig
 
 EMPTY_OUTPUT = "empty_output"
+
+log = logging.getLogger(__name__)
 
 
 class GenerateError(ValueError):
@@ -119,6 +122,9 @@ def _run_generator(generator: Generator, requests: list[Request], cache_dir: str
     report.from_cache[name] = len(requests) - len(missing)
     results = [fresh[k] if k in fresh else Generated(**cached[k]) for k in keys]
     report.truncated[name] = sum(g.truncated for g in results)
+    if report.truncated[name]:
+        log.warning("%s: %d of %d sources were longer than the model allows and were truncated",
+                    name, report.truncated[name], len(results))
     return results
 
 

@@ -83,3 +83,42 @@ def test_languages_required_per_file_or_per_row():
 def test_prompt_template_with_unknown_placeholder_is_refused():
     with pytest.raises(ConfigError, match="prompt_template: cannot be filled"):
         SelectConfig(prompt_template="{src} {nope}")
+
+
+def test_generate_section_maps_onto_dataclasses(tmp_path):
+    text = GOOD + """
+generate:
+  include_reference: true
+  cache_dir: cache
+  models:
+    - name: alma
+      model: ./models/alma
+      strategy: beam
+      num_beams: 5
+      num_candidates: 2
+    - name: nllb
+      model: facebook/nllb-200-distilled-600M
+"""
+    config = load_config(_write(tmp_path, text))
+    alma, nllb = config.generate.models
+    assert alma.model == str(tmp_path / "models" / "alma")
+    assert nllb.model == "facebook/nllb-200-distilled-600M"  # a hub id stays as it is
+    assert (alma.num_beams, alma.num_candidates) == (5, 2)
+    assert config.generate.cache_dir == str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("strategy: greedy\n      num_candidates: 3", "num_candidates: greedy decoding gives one"),
+        ("strategy: beam\n      num_beams: 2\n      num_candidates: 3",
+         r"num_candidates: cannot exceed num_beams \(2\)"),
+        ("strategy: sample\n      top_p: 1.5", r"top_p: must be in \(0, 1\]"),
+        ("dtype: float8", "dtype: 'float8' is not one of"),
+        ("device: tpu", "device: 'tpu' is not auto"),
+    ],
+)
+def test_bad_generator_settings_name_the_key(tmp_path, model, message):
+    text = GOOD + f"generate:\n  models:\n    - name: m\n      model: x\n      {model}\n"
+    with pytest.raises(ConfigError, match=rf"generate\.models\[0\]\.{message}"):
+        load_config(_write(tmp_path, text))

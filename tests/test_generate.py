@@ -37,6 +37,7 @@ def models(tmp_path_factory):
         "marian": str(build_tiny_marian(root / "marian")),
         "nllb": str(build_tiny_nllb(root / "nllb")),
         "pruned": str(build_tiny_nllb(root / "pruned", language_codes=("deu_Latn", "eng_Latn"))),
+        "m2m": str(build_tiny_nllb(root / "m2m", language_codes=("__de__", "__en__"))),
     }
 
 
@@ -142,6 +143,18 @@ def test_nllb_language_tokens_and_forced_target(models):
     assert generator.identity["language_tokens"] == "nllb"
 
 
+def test_m2m_language_tokens(models):
+    generator = load_generator(GeneratorConfig(name="m", model=models["m2m"],
+                                               language_tokens="m2m", max_new_tokens=4))
+    vocab = generator.tokenizer.get_vocab()
+    assert generator._language_setup("en", "de") == {"forced_bos_token_id": vocab["__de__"]}
+    ids, _ = generator._prompt_ids(Request("x", "en", "de", "Good morning."))
+    assert ids[0] == vocab["__en__"] and ids[-1] == generator.tokenizer.eos_token_id
+    assert len(generator.generate(_requests(3, src_lang="en", tgt_lang="de"))) == 3
+    with pytest.raises(GenerateError, match=r"no language token for 'fr' \(__fr__\)"):
+        generator.generate(_requests(1, src_lang="en", tgt_lang="fr"))
+
+
 def test_language_without_a_token_is_refused(models):
     generator = load_generator(GeneratorConfig(name="p", model=models["pruned"],
                                                language_tokens="nllb", max_new_tokens=4))
@@ -163,7 +176,7 @@ def test_chat_template_wraps_the_prompt(models):
         plain.generate(_requests(1))
 
 
-def test_long_sources_are_truncated_and_counted(models):
+def test_long_sources_are_truncated_and_counted(models, caplog):
     long = " ".join(["Ein sehr langer Satz über Züge und Fahrpläne."] * 40)
     config = GeneratorConfig(name="c", model=models["causal"], max_new_tokens=4,
                              max_source_tokens=20)
@@ -171,8 +184,10 @@ def test_long_sources_are_truncated_and_counted(models):
     ids, cut = generator._prompt_ids(Request("x", "de", "en", long))
     assert cut
     assert generator.tokenizer.decode(ids).endswith("\nEnglish:")  # the prompt's end survives
-    result = generate_candidates(_sources([long, "Kurz."]), GenerateConfig(), [generator])
+    with caplog.at_level("WARNING"):
+        result = generate_candidates(_sources([long, "Kurz."]), GenerateConfig(), [generator])
     assert result.report.truncated == {"c": 1}
+    assert "1 of 2 sources were longer than the model allows" in caplog.text
 
 
 def test_causal_output_is_cut_at_the_first_newline(models):
@@ -203,6 +218,29 @@ def test_missing_model_path_and_unreachable_hub_id():
         load_generator(GeneratorConfig(name="x", model="./no/such/model"))
     with pytest.raises(GenerateError, match="may be offline"):
         load_generator(GeneratorConfig(name="x", model="cpo-data-tests/not-a-model"))
+
+
+def test_device_and_dtype_are_chosen_for_the_hardware():
+    from cpo_data.backends.hf_generate import pick_device, pick_dtype
+
+    cuda = torch.cuda.is_available()
+    assert pick_device("auto").type == ("cuda" if cuda else "cpu")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    if cuda:
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        assert pick_dtype("auto", torch.device("cuda")) == expected
+    else:
+        with pytest.raises(GenerateError, match="torch sees no CUDA device"):
+            pick_device("cuda")
+
+
+def test_dtype_override_is_used_and_part_of_the_identity(models):
+    generator = load_generator(GeneratorConfig(name="c", model=models["causal"],
+                                               dtype="bfloat16", max_new_tokens=3))
+    assert generator.model.dtype == torch.bfloat16
+    assert generator.identity["dtype"] == "torch.bfloat16"
+    assert len(generator.generate(_requests(2))) == 2
 
 
 def test_empty_source_is_refused(models):

@@ -341,6 +341,11 @@ class HFGenerator:
                 raise GenerateError(f"source {r.source_id}: empty source text")
             key = (r.src_lang, r.tgt_lang) if self.seq2seq else ("", "")
             groups.setdefault(key, []).append(i)
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal, silence in logs and CI.
+        progress = tqdm(total=len(requests), desc=f"generate {self.name}", unit="src",
+                        disable=None)
         for (src_lang, tgt_lang), members in groups.items():
             extra = self._language_setup(src_lang, tgt_lang) if self.seq2seq else {}
             encoded = [self._prompt_ids(requests[i]) for i in members]
@@ -348,6 +353,8 @@ class HFGenerator:
                 outputs = self._generate_splitting([encoded[j][0] for j in batch], extra)
                 for j, texts in zip(batch, outputs, strict=True):
                     results[members[j]] = Generated(texts=texts, truncated=encoded[j][1])
+                progress.update(len(batch))
+        progress.close()
         return results  # type: ignore[return-value]
 
 
