@@ -189,7 +189,9 @@ class HFGenerator:
     # ---- prompts ------------------------------------------------------------------------------
 
     def _source_limit(self, prompt_overhead: int) -> int:
-        room = self.context - self.config.max_new_tokens - prompt_overhead
+        # A causal model's context holds prompt and output; an encoder's holds the source only.
+        output = 0 if self.seq2seq else self.config.max_new_tokens
+        room = self.context - output - prompt_overhead
         return max(1, min(self.config.max_source_tokens, room))
 
     def _truncate(self, text: str, limit: int) -> tuple[str, bool]:
