@@ -208,6 +208,107 @@ class GenerateConfig:
             _fail("reference_name", f"{self.reference_name!r} is also a model's name")
 
 
+SCORER_KINDS = ("comet", "chrf", "chrf++", "bleu", "ter")
+# sacrebleu tokenizers that need nothing downloaded (flores101/200 fetch a sentencepiece model).
+BLEU_TOKENIZERS = ("13a", "intl", "char", "zh", "none")
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """One scorer: a COMET model (CometKiwi, XCOMET, COMET-22) or a sacrebleu metric."""
+
+    name: str
+    """Score column name (kiwi, xcomet, chrf)."""
+    kind: str = "comet"
+    """comet, or a sacrebleu sentence metric: chrf, chrf++, bleu, ter."""
+    model: str | None = None
+    """comet: hub id (Unbabel/wmt23-cometkiwi-da-xxl) or a local checkpoint (.ckpt or folder)."""
+    use_reference: bool = False
+    """comet: also pass the reference (COMET-22, XCOMET with references); QE models read src+mt."""
+    token_budget: int = 16384
+    """comet: tokens per batch (rows x longest src+mt)."""
+    max_batch_size: int = 64
+    """comet: rows per batch at most."""
+    device: str = "auto"
+    """comet: auto (cuda when available), cpu, cuda, cuda:N."""
+    dtype: str = "float32"
+    """comet: float32 gives COMET's own numbers; bfloat16/float16 (or auto: half on GPU) are
+    faster and lighter but move scores slightly."""
+    bleu_tokenize: str = "13a"
+    """bleu: a sacrebleu tokenizer that needs no download (13a, intl, char, zh, none)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("name", "give the scorer a name")
+        if self.kind not in SCORER_KINDS:
+            _fail("kind", f"{self.kind!r} is not one of {', '.join(SCORER_KINDS)}")
+        if self.kind == "comet" and not self.model:
+            _fail("model", "a comet scorer needs a hub id or checkpoint path")
+        if self.kind != "comet" and self.model:
+            _fail("model", f"a {self.kind} scorer takes no model")
+        if self.dtype not in DTYPES:
+            _fail("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            _fail("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.bleu_tokenize not in BLEU_TOKENIZERS:
+            _fail("bleu_tokenize",
+                  f"{self.bleu_tokenize!r} is not one of {', '.join(BLEU_TOKENIZERS)}")
+        for key in ("token_budget", "max_batch_size"):
+            if getattr(self, key) < 1:
+                _fail(key, "must be at least 1")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kind != "comet" or self.use_reference
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind != "ter"
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """A combined score: the weighted mean of member scores, on one direction."""
+
+    name: str
+    """Score column name (kiwi_xcomet, as ALMA-R calls the mean of KIWI and XCOMET)."""
+    members: tuple[str, ...]
+    """Scorer names to combine."""
+    weights: tuple[float, ...] | None = None
+    """One weight per member; null means equal weights (the mean)."""
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 2:
+            _fail("members", "an ensemble combines at least two scorers")
+        if self.weights is not None:
+            if len(self.weights) != len(self.members):
+                _fail("weights", f"give {len(self.members)} weights, one per member")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                _fail("weights", "must be non-negative with a positive sum")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How candidates are scored, and which combined scores are built from those scores."""
+
+    scorers: tuple[ScorerConfig, ...] = ()
+    """Scorers, each giving its own score column."""
+    ensembles: tuple[EnsembleConfig, ...] = ()
+    """Combined scores over scorers."""
+    cache_dir: str | None = None
+    """Score cache (local path or fsspec URI); null turns caching off."""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.scorers] + [e.name for e in self.ensembles]
+        if len(set(names)) != len(names):
+            _fail("scorers", f"scorer and ensemble names must be distinct, got {names}")
+        known = {s.name for s in self.scorers}
+        for i, ensemble in enumerate(self.ensembles):
+            unknown = [m for m in ensemble.members if m not in known]
+            if unknown:
+                _fail(f"ensembles[{i}].members", f"{unknown} are not scorers ({sorted(known)})")
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """How chosen/rejected pairs are picked and how their prompt is written."""
@@ -252,6 +353,8 @@ class BuildConfig:
     """Where the triplets go."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     """Which candidates each source gets."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """How candidates are scored."""
     select: SelectConfig = field(default_factory=SelectConfig)
     """How pairs are picked."""
 
@@ -355,4 +458,14 @@ def load_config(path: str | Path) -> BuildConfig:
     )
     cache_dir = _resolve_path(generate.cache_dir, base) if generate.cache_dir else None
     generate = dataclasses.replace(generate, models=models, cache_dir=cache_dir)
-    return dataclasses.replace(config, sources=sources, publish=publish, generate=generate)
+    score = config.score
+    scorers = tuple(
+        dataclasses.replace(s, model=_resolve_path(s.model, base))
+        if s.model and s.model.startswith(".") else s
+        for s in score.scorers
+    )
+    score = dataclasses.replace(
+        score, scorers=scorers,
+        cache_dir=_resolve_path(score.cache_dir, base) if score.cache_dir else None)
+    return dataclasses.replace(config, sources=sources, publish=publish, generate=generate,
+                               score=score)

@@ -198,3 +198,83 @@ def build_tiny_nllb(path, seed: int = 0, d_model: int = 32, layers: int = 2,
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---- tiny COMET checkpoints, built offline ----------------------------------------------
+
+
+def _tiny_xlmr_encoder(folder, max_tokens: int = 128, hidden_size: int = 32, layers: int = 2):
+    """A sentencepiece tokenizer trained here and a tiny XLM-R config, saved as an HF folder.
+
+    COMET rebuilds its encoder from this folder (config and tokenizer, no weights) whenever a
+    checkpoint is loaded, exactly as it does with `xlm-roberta-large` from the hub.
+    """
+    import io
+    from pathlib import Path
+
+    import sentencepiece as spm
+    from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_texts()), model_writer=model, vocab_size=500,
+        model_type="unigram", character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3,
+        minloglevel=2,
+    )
+    (folder / "sentencepiece.bpe.model").write_bytes(model.getvalue())
+    tokenizer = XLMRobertaTokenizerFast(vocab_file=str(folder / "sentencepiece.bpe.model"))
+    tokenizer.save_pretrained(folder)
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
+        num_attention_heads=4, intermediate_size=hidden_size * 2,
+        max_position_embeddings=max_tokens + 2,  # XLM-R positions start after the pad index
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_comet(path, kind: str = "kiwi", seed: int = 0, max_tokens: int = 128):
+    """A COMET checkpoint folder (`checkpoints/model.ckpt` + `hparams.yaml`) with random weights.
+
+    kind "kiwi": a CometKiwi-style UnifiedMetric reading [mt, src] (reference-free).
+    kind "xcomet": an XCOMET-style metric with word-level error-span tagging.
+    Returns the path of `checkpoints/model.ckpt`, as `comet.download_model` does.
+    """
+    from pathlib import Path
+
+    import pytorch_lightning
+    import torch
+    import yaml
+    from comet.models import UnifiedMetric, XCOMETMetric
+
+    path = Path(path)
+    encoder = _tiny_xlmr_encoder(path / "encoder", max_tokens=max_tokens)
+    common = dict(encoder_model="XLM-RoBERTa", pretrained_model=str(encoder),
+                  load_pretrained_weights=False, local_files_only=True, hidden_sizes=[16],
+                  sent_layer="mix", word_layer=1, dropout=0.1)
+    torch.manual_seed(seed)
+    if kind == "kiwi":
+        model = UnifiedMetric(input_segments=["mt", "src"], layer_transformation="sparsemax",
+                              **common)
+        identifier = "unified_metric"
+    elif kind == "xcomet":
+        model = XCOMETMetric(layer_transformation="softmax", layer_norm=False, **common)
+        identifier = "xcomet_metric"
+    else:
+        raise ValueError(f"kind must be kiwi or xcomet, not {kind!r}")
+    # Spread the regression head so that scores differ visibly between segments.
+    with torch.no_grad():
+        for parameter in model.estimator.parameters():
+            parameter.mul_(8.0)
+    hparams = dict(model.hparams)
+    hparams["class_identifier"] = identifier
+    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    checkpoint = path / "checkpoints" / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": pytorch_lightning.__version__}, checkpoint)
+    (path / "hparams.yaml").write_text(yaml.safe_dump(hparams))
+    return checkpoint

@@ -10,7 +10,6 @@ new tokens start at the same column. On CUDA out-of-memory a batch is split in h
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -21,14 +20,12 @@ from typing import Any
 import torch
 
 from cpo_data.config import GeneratorConfig
+from cpo_data.fingerprint import weights_fingerprint
 from cpo_data.generate import Generated, GenerateError, Request
 from cpo_data.langs import get_language
 from cpo_data.select import render_prompt
 
 log = logging.getLogger(__name__)
-
-_HEAD_BYTES = 1 << 20
-
 
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1
@@ -44,34 +41,6 @@ def _load_error(model: str, error: Exception) -> GenerateError:
         "(HF_HUB_OFFLINE, no network): download the model where there is a network "
         "(huggingface-cli download) and point `model` at the folder or the HF cache."
     )
-
-
-def _folder_fingerprint(folder: Path) -> str:
-    """Names, sizes and the first and last MiB of every file: cheap for 26 GB of weights, and
-    a retrained or re-downloaded model still changes it."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(folder)}\0{size}\0".encode())
-        with path.open("rb") as f:
-            digest.update(f.read(_HEAD_BYTES))
-            if size > 2 * _HEAD_BYTES:
-                f.seek(-_HEAD_BYTES, os.SEEK_END)
-                digest.update(f.read())
-    return digest.hexdigest()[:32]
-
-
-def weights_fingerprint(model: str, revision: str | None) -> str:
-    """What identifies a model's weights: a folder's content, or a hub repo's commit."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return f"folder:{_folder_fingerprint(local)}"
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(model, "config.json", revision=revision)
-    if isinstance(cached, str):  # .../snapshots/<commit>/config.json
-        return f"hub:{model}@{Path(cached).parent.name}"
-    return f"hub:{model}@{revision or 'main'}"
 
 
 def pick_device(device: str) -> torch.device:

@@ -1,0 +1,214 @@
+"""COMET scoring in-process: CometKiwi, XCOMET (with error spans) and COMET-22.
+
+Instead of `model.predict()`, which builds a Lightning Trainer and a DataLoader on every call,
+the model is loaded once per process and each batch goes through the same two calls `predict()`
+makes per batch, `prepare_for_inference` and `predict_step`, under `torch.inference_mode`. With
+the same checkpoint and dtype the numbers are COMET's own (tested against `predict()`).
+
+Batches are filled by token count up to a budget, longest first, and the caller's order is
+restored. Segments longer than the encoder takes are cut by COMET itself; we count them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpo_data.config import ScorerConfig
+from cpo_data.fingerprint import folder_fingerprint
+from cpo_data.score import ScoreError, ScoreItem, ScoreResult
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local `.ckpt`, a COMET model folder, or a hub id (downloaded or from the HF cache)."""
+    local = Path(model).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        checkpoint = local / "checkpoints" / "model.ckpt"
+        if checkpoint.is_file():
+            return checkpoint
+        raise ScoreError(f"{model}: no checkpoints/model.ckpt in this folder")
+    if model.startswith((".", "/", "~")) or model.endswith(".ckpt"):
+        raise ScoreError(f"COMET checkpoint {model!r} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id=model)
+    except GatedRepoError:
+        raise ScoreError(
+            f"{model} is gated on the Hugging Face hub: accept its licence on the model page, "
+            "then set HF_TOKEN (or run `huggingface-cli login`) where the model is downloaded"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ScoreError(
+            f"cannot fetch {model}: it is not in the Hugging Face cache and the hub cannot be "
+            "reached (this machine may be offline, or HF_HUB_OFFLINE is set); download it "
+            "where there is a network and copy the cache, or pass a local checkpoint path"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - the hub raises many kinds; say which
+        raise ScoreError(f"cannot fetch COMET model {model}: {type(error).__name__}: "
+                         f"{error}") from None
+    return Path(folder) / "checkpoints" / "model.ckpt"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ScoreError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@functools.lru_cache(maxsize=4)
+def _load(checkpoint: str, device: str, dtype: str) -> Any:
+    """One COMET model per process for the same checkpoint, device and dtype."""
+    import comet
+
+    torch_device = _device(device)
+    model = comet.load_from_checkpoint(checkpoint, local_files_only=True)
+    model.eval()
+    model.to(torch_device, dtype=_dtype(dtype, torch_device))
+    return model
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+class CometScorer:
+    """A `Scorer` over one COMET checkpoint."""
+
+    def __init__(self, config: ScorerConfig):
+        self.config = config
+        self.name = config.name
+        checkpoint = resolve_checkpoint(config.model)
+        self.model = _load(str(checkpoint), config.device, config.dtype)
+        self.device = next(self.model.parameters()).device
+        self.needs_reference = config.use_reference
+        self.higher_is_better = True
+        self.tokenizer = self.model.encoder.tokenizer
+        self.max_tokens = self.model.encoder.max_positions
+        self.identity = {
+            "kind": "comet",
+            "class": type(self.model).__name__,
+            "checkpoint": folder_fingerprint(checkpoint.parent.parent),
+            "dtype": str(next(self.model.parameters()).dtype),
+            "use_reference": config.use_reference,
+        }
+        self.batches = 0
+        """Forward batches run: a pool served from the cache leaves it unchanged."""
+        self.oom_splits = 0
+        self.last_truncated = 0
+
+    def _lengths(self, items: Sequence[ScoreItem]) -> list[int]:
+        texts = [[i.mt, i.src] + ([i.ref] if self.needs_reference and i.ref else [])
+                 for i in items]
+        flat = [t for group in texts for t in group]
+        counts = iter(len(ids) for ids in
+                      self.tokenizer(flat, add_special_tokens=False)["input_ids"])
+        # + 2 per segment for the separators and specials COMET adds between them.
+        return [sum(next(counts) + 2 for _ in group) for group in texts]
+
+    def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Item indices per batch: longest first, rows x longest under the token budget."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        batches, current, longest = [], [], 0
+        for i in order:
+            width = max(longest, min(lengths[i], self.max_tokens))
+            if current and ((len(current) + 1) * width > self.config.token_budget
+                            or len(current) >= self.config.max_batch_size):
+                batches.append(current)
+                current, width = [], min(lengths[i], self.max_tokens)
+            current.append(i)
+            longest = width
+        if current:
+            batches.append(current)
+        return batches
+
+    def _samples(self, items: Sequence[ScoreItem]) -> list[dict[str, str]]:
+        samples = []
+        for item in items:
+            sample = {"src": item.src, "mt": item.mt}
+            if self.needs_reference:
+                sample["ref"] = item.ref or ""
+            samples.append(sample)
+        return samples
+
+    @torch.inference_mode()
+    def _score_batch(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        inputs = _to_device(self.model.prepare_for_inference(self._samples(items)), self.device)
+        prediction = self.model.predict_step(inputs)
+        self.batches += 1
+        scores = prediction["scores"].float().tolist()
+        spans = None
+        if "metadata" in prediction and "error_spans" in prediction["metadata"]:
+            spans = prediction["metadata"]["error_spans"]
+        return [ScoreResult(s, spans[i] if spans is not None else None)
+                for i, s in enumerate(scores)]
+
+    def _score_splitting(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        try:
+            return self._score_batch(items)
+        except torch.cuda.OutOfMemoryError:
+            if len(items) == 1:
+                raise
+            self.oom_splits += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(items) // 2
+            log.warning("%s: out of GPU memory on %d rows; retrying as %d + %d", self.name,
+                        len(items), half, len(items) - half)
+            return self._score_splitting(items[:half]) + self._score_splitting(items[half:])
+
+    def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        if self.needs_reference and any(i.ref is None for i in items):
+            raise ScoreError(f"{self.name}: use_reference is set but an item has no reference")
+        from tqdm.auto import tqdm
+
+        lengths = self._lengths(items)
+        self.last_truncated = sum(n > self.max_tokens for n in lengths)
+        if self.last_truncated:
+            log.warning("%s: %d of %d segments exceed the encoder's %d tokens; COMET "
+                        "truncates them", self.name, self.last_truncated, len(items),
+                        self.max_tokens)
+        results: list[ScoreResult | None] = [None] * len(items)
+        progress = tqdm(total=len(items), desc=f"score {self.name}", unit="seg", disable=None)
+        for batch in self.plan_batches(lengths):
+            for i, result in zip(batch, self._score_splitting([items[i] for i in batch]),
+                                 strict=True):
+                results[i] = result
+            progress.update(len(batch))
+        progress.close()
+        return results  # type: ignore[return-value]
+
+
+def load_scorer(config: ScorerConfig):
+    """The scorer for one configured entry: COMET or sacrebleu."""
+    if config.kind == "comet":
+        return CometScorer(config)
+    from cpo_data.backends.sacrebleu_score import SacrebleuScorer
+
+    return SacrebleuScorer(config)

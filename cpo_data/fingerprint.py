@@ -1,0 +1,39 @@
+"""What identifies a model's weights, for cache keys: cheap even for 40 GB checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_HEAD_BYTES = 1 << 20
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Names, sizes and the first and last MiB of every file: cheap for 26 GB of weights, and
+    a retrained or re-downloaded model still changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder)}\0{size}\0".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(_HEAD_BYTES))
+            if size > 2 * _HEAD_BYTES:
+                f.seek(-_HEAD_BYTES, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:32]
+
+
+def weights_fingerprint(model: str, revision: str | None) -> str:
+    """What identifies a model's weights: a folder's content, or a hub repo's commit."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return f"folder:{folder_fingerprint(local)}"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json", revision=revision)
+    if isinstance(cached, str):  # .../snapshots/<commit>/config.json
+        return f"hub:{model}@{Path(cached).parent.name}"
+    return f"hub:{model}@{revision or 'main'}"
+
+

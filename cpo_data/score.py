@@ -1,0 +1,212 @@
+"""Score candidates: each distinct (src, mt[, ref]) once per scorer, cached, joined back.
+
+Drops, each with a reason in the dropped table: `empty_mt` (an empty or whitespace-only
+translation is never sent to a model; COMET would score it as some number, which says nothing),
+`missing_reference` (a reference-based scorer on a source without one), `score_not_finite` (NaN
+or infinite). Ensembles combine member scores per candidate as a weighted mean; lower-is-better
+members (TER) are negated first, so every combined score is higher-is-better.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from cpo_data import schema
+from cpo_data.cache import ContentCache
+from cpo_data.config import EnsembleConfig, ScoreConfig
+from cpo_data.generate import identity_key
+
+EMPTY_MT = "empty_mt"
+MISSING_REFERENCE = "missing_reference"
+SCORE_NOT_FINITE = "score_not_finite"
+
+log = logging.getLogger(__name__)
+
+
+class ScoreError(ValueError):
+    """Scoring that cannot run as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One distinct thing to score."""
+
+    src: str
+    mt: str
+    ref: str | None = None
+
+
+@dataclass
+class ScoreResult:
+    score: float
+    error_spans: list[dict] | None = None
+
+
+class Scorer(Protocol):
+    """What the scoring stage needs from a metric; COMET and sacrebleu implement it."""
+
+    name: str
+    identity: dict[str, Any]
+    """What decides the numbers (checkpoint fingerprint, settings): the cache key."""
+    needs_reference: bool
+    higher_is_better: bool
+
+    def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        """One result per item, in order."""
+        ...
+
+
+@dataclass
+class ScoreReport:
+    """Per scorer: distinct pairs, how many the model scored now, how many came from the cache."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    distinct: dict[str, int] = field(default_factory=dict)
+    scored: dict[str, int] = field(default_factory=dict)
+    from_cache: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Scores:
+    table: pa.Table
+    dropped: pa.Table
+    report: ScoreReport
+
+
+def item_key(item: ScoreItem) -> str:
+    text = f"{item.src}\n\x00{item.mt}\n\x00{item.ref if item.ref is not None else ''}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _score_distinct(scorer: Scorer, items: list[ScoreItem], cache_dir: str | None,
+                    report: ScoreReport) -> dict[ScoreItem, ScoreResult]:
+    """Scores of distinct items: from the cache where present, from the scorer otherwise."""
+    cache = (ContentCache(cache_dir, f"score-{identity_key(scorer.identity)}", scorer.identity)
+             if cache_dir else None)
+    keys = {item: item_key(item) for item in items}
+    cached = cache.get_many(keys.values()) if cache is not None else {}
+    missing = [item for item in items if keys[item] not in cached]
+    fresh: dict[ScoreItem, ScoreResult] = {}
+    if missing:
+        results = scorer.score(missing)
+        if len(results) != len(missing):
+            raise ScoreError(f"{scorer.name}: {len(results)} scores for {len(missing)} items")
+        fresh = dict(zip(missing, results, strict=True))
+        if cache is not None:
+            # NaN is not JSON: cache it as null, so a refresh drops it again without rescoring.
+            cache.put_many({keys[i]: {"score": r.score if math.isfinite(r.score) else None,
+                                      "error_spans": r.error_spans} for i, r in fresh.items()})
+    report.scored[scorer.name] = len(missing)
+    report.from_cache[scorer.name] = len(items) - len(missing)
+    report.truncated[scorer.name] = getattr(scorer, "last_truncated", 0)
+    out = {}
+    for item in items:
+        if item in fresh:
+            out[item] = fresh[item]
+        else:
+            value = cached[keys[item]]
+            score = value["score"] if value["score"] is not None else math.nan
+            out[item] = ScoreResult(score, value["error_spans"])
+    return out
+
+
+def score_candidates(candidates: pa.Table, sources: pa.Table, config: ScoreConfig,
+                     scorers: Sequence[Scorer]) -> Scores:
+    """The scores table (one row per candidate and scorer, ensembles included)."""
+    candidates = schema.validate(candidates, schema.CANDIDATES, what="candidates").to_pylist()
+    by_id = {r["source_id"]: r for r in
+             schema.validate(sources, schema.SOURCES, what="sources").to_pylist()}
+    missing_sources = {c["source_id"] for c in candidates} - set(by_id)
+    if missing_sources:
+        raise ScoreError(f"candidates name {len(missing_sources)} sources not in the sources "
+                         f"table (first: {sorted(missing_sources)[0]})")
+    report = ScoreReport()
+    rows: list[dict] = []
+    dropped: list[dict] = []
+
+    def drop(candidate: dict, reason: str, detail: str) -> None:
+        source = by_id[candidate["source_id"]]
+        dropped.append({"source_id": candidate["source_id"], "lang_pair": source["lang_pair"],
+                        "reason": reason, "detail": detail})
+        report.dropped[reason] = report.dropped.get(reason, 0) + 1
+
+    for scorer in scorers:
+        if scorer.needs_reference and candidates and not any(
+                by_id[c["source_id"]]["ref"] for c in candidates):
+            raise ScoreError(f"scorer {scorer.name!r} needs references, and no source has one "
+                             "(map ref_column in sources, or use a reference-free scorer)")
+        wanted: dict[int, ScoreItem] = {}
+        for i, candidate in enumerate(candidates):
+            source = by_id[candidate["source_id"]]
+            if not candidate["text"].strip():
+                drop(candidate, EMPTY_MT, f"{scorer.name}: empty translation")
+            elif scorer.needs_reference and not source["ref"]:
+                drop(candidate, MISSING_REFERENCE, f"{scorer.name}: source has no reference")
+            else:
+                ref = source["ref"] if scorer.needs_reference else None
+                wanted[i] = ScoreItem(source["src"], candidate["text"], ref)
+        distinct = list(dict.fromkeys(wanted.values()))
+        report.rows[scorer.name] = len(wanted)
+        report.distinct[scorer.name] = len(distinct)
+        results = (_score_distinct(scorer, distinct, config.cache_dir, report) if distinct
+                   else {})
+        for i, item in wanted.items():
+            result = results[item]
+            candidate = candidates[i]
+            if not math.isfinite(result.score):
+                drop(candidate, SCORE_NOT_FINITE, f"{scorer.name}: {result.score}")
+                continue
+            rows.append({"source_id": candidate["source_id"], "text": candidate["text"],
+                         "scorer": scorer.name, "score": float(result.score),
+                         "error_spans": result.error_spans})
+
+    directions = {s.name: s.higher_is_better for s in scorers}
+    for ensemble in config.ensembles:
+        rows += combine(rows, ensemble, directions)
+    table = pa.Table.from_pylist(rows, schema=schema.SCORES)
+    return Scores(table=table, dropped=pa.Table.from_pylist(dropped, schema=schema.DROPPED),
+                  report=report)
+
+
+def combine(rows: list[dict], ensemble: EnsembleConfig,
+            higher_is_better: dict[str, bool]) -> list[dict]:
+    """Ensemble rows: the weighted mean of member scores for candidates that have all of them."""
+    weights = ensemble.weights or (1.0,) * len(ensemble.members)
+    members = dict(zip(ensemble.members, weights, strict=True))
+    per_candidate: dict[tuple[str, str], dict[str, float]] = {}
+    for row in rows:
+        if row["scorer"] in members:
+            per_candidate.setdefault((row["source_id"], row["text"]), {})[row["scorer"]] = (
+                row["score"] if higher_is_better.get(row["scorer"], True) else -row["score"])
+    combined = []
+    incomplete = 0
+    for (source_id, text), scores in per_candidate.items():
+        if len(scores) < len(members):
+            incomplete += 1
+            continue
+        value = sum(members[m] * scores[m] for m in members) / sum(members.values())
+        combined.append({"source_id": source_id, "text": text, "scorer": ensemble.name,
+                         "score": value, "error_spans": None})
+    if incomplete:
+        log.warning("%s: %d candidates lack a member score and get no combined score",
+                    ensemble.name, incomplete)
+    return combined
+
+
+def wide(scores: pa.Table) -> pa.Table:
+    """One row per candidate, one column per scorer: how ALMA-R's `kiwi`, `xcomet` and
+    `kiwi_xcomet` columns look side by side."""
+    frame = scores.select(["source_id", "text", "scorer", "score"]).to_pandas()
+    pivot = frame.pivot_table(index=["source_id", "text"], columns="scorer", values="score",
+                              aggfunc="first")
+    pivot.columns.name = None
+    return pa.Table.from_pandas(pivot.reset_index(), preserve_index=False)
