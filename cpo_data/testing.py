@@ -237,7 +237,8 @@ def _tiny_xlmr_encoder(folder, max_tokens: int = 128, hidden_size: int = 32, lay
     return folder
 
 
-def build_tiny_comet(path, kind: str = "kiwi", seed: int = 0, max_tokens: int = 128):
+def build_tiny_comet(path, kind: str = "kiwi", seed: int = 0, max_tokens: int = 128,
+                     hidden_size: int = 32, layers: int = 2):
     """A COMET checkpoint folder (`checkpoints/model.ckpt` + `hparams.yaml`) with random weights.
 
     kind "kiwi": a CometKiwi-style UnifiedMetric reading [mt, src] (reference-free).
@@ -252,7 +253,8 @@ def build_tiny_comet(path, kind: str = "kiwi", seed: int = 0, max_tokens: int = 
     from comet.models import UnifiedMetric, XCOMETMetric
 
     path = Path(path)
-    encoder = _tiny_xlmr_encoder(path / "encoder", max_tokens=max_tokens)
+    encoder = _tiny_xlmr_encoder(path / "encoder", max_tokens=max_tokens,
+                                 hidden_size=hidden_size, layers=layers)
     common = dict(encoder_model="XLM-RoBERTa", pretrained_model=str(encoder),
                   load_pretrained_weights=False, local_files_only=True, hidden_sizes=[16],
                   sent_layer="mix", word_layer=1, dropout=0.1)
