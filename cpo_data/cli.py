@@ -9,11 +9,12 @@ import textwrap
 import pandas as pd
 
 from cpo_data import store
+from cpo_data.backends.torch_device import DeviceError
 from cpo_data.config import ConfigError
 from cpo_data.schema import SchemaError
 from cpo_data.sources import SourceError
 
-_USER_ERRORS = (ConfigError, SchemaError, SourceError, store.StoreError)
+_USER_ERRORS = (ConfigError, DeviceError, SchemaError, SourceError, store.StoreError)
 
 
 def _counts(counts: dict[str, int]) -> str:

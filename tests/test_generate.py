@@ -221,7 +221,7 @@ def test_missing_model_path_and_unreachable_hub_id():
 
 
 def test_device_and_dtype_are_chosen_for_the_hardware():
-    from cpo_data.backends.hf_generate import pick_device, pick_dtype
+    from cpo_data.backends.torch_device import DeviceError, pick_device, pick_dtype
 
     cuda = torch.cuda.is_available()
     assert pick_device("auto").type == ("cuda" if cuda else "cpu")
@@ -231,7 +231,7 @@ def test_device_and_dtype_are_chosen_for_the_hardware():
         expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         assert pick_dtype("auto", torch.device("cuda")) == expected
     else:
-        with pytest.raises(GenerateError, match="torch sees no CUDA device"):
+        with pytest.raises(DeviceError, match="torch sees no CUDA device"):
             pick_device("cuda")
 
 

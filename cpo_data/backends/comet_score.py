@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cpo_data.backends.torch_device import halving_on_oom, pick_device, pick_dtype
 from cpo_data.config import ScorerConfig
 from cpo_data.fingerprint import folder_fingerprint
 from cpo_data.score import ScoreError, ScoreItem, ScoreResult
@@ -60,31 +61,15 @@ def resolve_checkpoint(model: str) -> Path:
     return Path(folder) / "checkpoints" / "model.ckpt"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ScoreError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 @functools.lru_cache(maxsize=4)
 def _load(checkpoint: str, device: str, dtype: str) -> Any:
     """One COMET model per process for the same checkpoint, device and dtype."""
     import comet
 
-    torch_device = _device(device)
+    torch_device = pick_device(device)
     model = comet.load_from_checkpoint(checkpoint, local_files_only=True)
     model.eval()
-    model.to(torch_device, dtype=_dtype(dtype, torch_device))
+    model.to(torch_device, dtype=pick_dtype(dtype, torch_device))
     return model
 
 
@@ -169,20 +154,6 @@ class CometScorer:
         return [ScoreResult(s, spans[i] if spans is not None else None)
                 for i, s in enumerate(scores)]
 
-    def _score_splitting(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
-        try:
-            return self._score_batch(items)
-        except torch.cuda.OutOfMemoryError:
-            if len(items) == 1:
-                raise
-            self.oom_splits += 1
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(items) // 2
-            log.warning("%s: out of GPU memory on %d rows; retrying as %d + %d", self.name,
-                        len(items), half, len(items) - half)
-            return self._score_splitting(items[:half]) + self._score_splitting(items[half:])
-
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         if self.needs_reference and any(i.ref is None for i in items):
             raise ScoreError(f"{self.name}: use_reference is set but an item has no reference")
@@ -197,8 +168,10 @@ class CometScorer:
         results: list[ScoreResult | None] = [None] * len(items)
         progress = tqdm(total=len(items), desc=f"score {self.name}", unit="seg", disable=None)
         for batch in self.plan_batches(lengths):
-            for i, result in zip(batch, self._score_splitting([items[i] for i in batch]),
-                                 strict=True):
+            scored, splits = halving_on_oom(self._score_batch, [items[i] for i in batch],
+                                            self.name)
+            self.oom_splits += splits
+            for i, result in zip(batch, scored, strict=True):
                 results[i] = result
             progress.update(len(batch))
         progress.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from cpo_data.backends.torch_device import halving_on_oom, pick_device, pick_dtype
 from cpo_data.config import GeneratorConfig
 from cpo_data.fingerprint import weights_fingerprint
 from cpo_data.generate import Generated, GenerateError, Request
@@ -41,22 +42,6 @@ def _load_error(model: str, error: Exception) -> GenerateError:
         "(HF_HUB_OFFLINE, no network): download the model where there is a network "
         "(huggingface-cli download) and point `model` at the folder or the HF cache."
     )
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerateError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @functools.lru_cache(maxsize=4)
@@ -287,21 +272,6 @@ class HFGenerator:
         self.batches += 1
         return [texts[i * n:(i + 1) * n] for i in range(len(ids))]
 
-    def _generate_splitting(self, ids: list[list[int]], extra: dict[str, Any]) -> list[list[str]]:
-        try:
-            return self._generate_batch(ids, extra)
-        except torch.cuda.OutOfMemoryError:
-            if len(ids) == 1:
-                raise
-            self.oom_splits += 1
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(ids) // 2
-            log.warning("%s: out of GPU memory on %d rows; retrying as %d + %d",
-                        self.name, len(ids), half, len(ids) - half)
-            return (self._generate_splitting(ids[:half], extra)
-                    + self._generate_splitting(ids[half:], extra))
-
     def generate(self, requests: Sequence[Request]) -> list[Generated]:
         """Candidates for each request, in order; batches are planned per language pair for
         seq2seq models (the language tokens are per batch) and across pairs for causal ones."""
@@ -321,7 +291,10 @@ class HFGenerator:
             extra = self._language_setup(src_lang, tgt_lang) if self.seq2seq else {}
             encoded = [self._prompt_ids(requests[i]) for i in members]
             for batch in self.plan_batches([len(ids) for ids, _ in encoded]):
-                outputs = self._generate_splitting([encoded[j][0] for j in batch], extra)
+                outputs, splits = halving_on_oom(
+                    lambda ids, extra=extra: self._generate_batch(ids, extra),
+                    [encoded[j][0] for j in batch], self.name)
+                self.oom_splits += splits
                 for j, texts in zip(batch, outputs, strict=True):
                     results[members[j]] = Generated(texts=texts, truncated=encoded[j][1])
                 progress.update(len(batch))
