@@ -127,5 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> None:
+    """The `cpo-data` console script: `main()`, then exit without interpreter teardown.
+
+    pyarrow 21 sometimes aborts a finished process during teardown ("terminate called without
+    an active exception", exit 134; apache/arrow#34314): seen here in 1-3% of short processes
+    under load. The work is done and flushed by then; `os._exit` keeps the exit code honest.
+    Revisit when a command runs Prefect (its atexit hooks would be skipped).
+    """
+    import os
+
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

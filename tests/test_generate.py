@@ -328,13 +328,15 @@ def test_adding_sources_generates_only_the_new_ones(tmp_path):
 
 def test_cache_survives_processes_and_concurrent_writers(tmp_path):
     script = textwrap.dedent("""
-        import sys
+        import os, sys
         from cpo_data.cache import ContentCache
         cache = ContentCache(sys.argv[1], "ns")
         start = int(sys.argv[2])
         for batch in range(20):
             cache.put_many({f"k{start + batch * 10 + i}": [start, batch, i] for i in range(10)})
             assert len(cache.get_many([f"k{start + batch * 10}"])) == 1
+        # As the CLI does (cpo_data.cli.console): skip the teardown where pyarrow 21 can abort.
+        os._exit(0)
     """)
     processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(s)])
                  for s in (0, 150)]  # keys 0-199 and 150-349: 50 written by both
