@@ -35,7 +35,6 @@ from cpo_data.backends.comet_score import load_scorer  # noqa: E402
 from cpo_data.cache import ContentCache  # noqa: E402
 from cpo_data.config import ScoreConfig, ScorerConfig, SourcesConfig  # noqa: E402
 from cpo_data.demo import REPO_ROOT  # noqa: E402
-from cpo_data.generate import identity_key  # noqa: E402
 from cpo_data.score import ScoreItem, item_key, score_candidates  # noqa: E402
 from cpo_data.sources import load_sources  # noqa: E402
 from cpo_data.testing import build_tiny_comet  # noqa: E402
@@ -117,7 +116,7 @@ def main() -> None:
                                       for c in candidates.to_pylist()))
         random.Random(1).shuffle(distinct)
         known = distinct[: int(len(distinct) * 0.9)]
-        cache = ContentCache(cache_dir, f"score-{identity_key(scorer.identity)}")
+        cache = ContentCache(cache_dir, "score", scorer.identity)  # the stage's own namespace
         cache.put_many({item_key(i): {"score": r.score, "error_spans": None}
                         for i, r in zip(known, scorer.score(known), strict=True)})
         theirs, their_s = timed(lambda: predict_all(model, candidates, sources))

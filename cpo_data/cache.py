@@ -16,12 +16,13 @@ content, same identity), so the first one read wins.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -30,11 +31,23 @@ from fsspec.implementations.local import LocalFileSystem
 
 _SEGMENT_SCHEMA = pa.schema([("key", pa.string()), ("value", pa.string())])
 
+Item = TypeVar("Item")
+Value = TypeVar("Value")
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """Short stable hash of a generator or scorer identity: the cache namespace."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
 
 class ContentCache:
     """Key -> JSON value for one namespace (one generator or scorer identity) under `uri`."""
 
     def __init__(self, uri: str, namespace: str, identity: dict[str, Any] | None = None):
+        """`namespace` names the folder; with `identity`, the folder is `{namespace}-{hash}`
+        and the identity is written beside the segments."""
+        if identity is not None:
+            namespace = f"{namespace}-{identity_key(identity)}"
         self.fs, root = fsspec.core.url_to_fs(uri)
         self.folder = posixpath.join(root.rstrip("/"), namespace)
         self.fs.makedirs(self.folder, exist_ok=True)
@@ -74,11 +87,8 @@ class ContentCache:
         """Store entries as one new segment; visible to every reader once this returns."""
         if not entries:
             return
-        table = pa.table(
-            {"key": list(entries), "value": [json.dumps(v, ensure_ascii=False)
-                                              for v in entries.values()]},
-            schema=_SEGMENT_SCHEMA,
-        )
+        values = [json.dumps(v, ensure_ascii=False) for v in entries.values()]
+        table = pa.table({"key": list(entries), "value": values}, schema=_SEGMENT_SCHEMA)
         name = f"seg-{datetime.now(UTC):%Y%m%d%H%M%S}-{uuid.uuid4().hex}.parquet"
         final = posixpath.join(self.folder, name)
         sink = pa.BufferOutputStream()
@@ -90,8 +100,7 @@ class ContentCache:
             self.fs.mv(temporary, final)
         else:
             self.fs.pipe_file(final, data)
-        for key, value in zip(table.column("key").to_pylist(),
-                              table.column("value").to_pylist(), strict=True):
+        for key, value in zip(entries, values, strict=True):
             self._index.setdefault(key, value)
         self._loaded.add(final)
         self.writes += len(entries)
@@ -99,3 +108,28 @@ class ContentCache:
     def __len__(self) -> int:
         self._refresh()
         return len(self._index)
+
+
+def cached_compute(
+    cache: ContentCache | None,
+    items: Sequence[Item],
+    key: Callable[[Item], str],
+    compute: Callable[[list[Item]], list[Value]],
+    to_json: Callable[[Value], Any],
+    from_json: Callable[[Any], Value],
+) -> tuple[list[Value], int]:
+    """Values for `items` in order: from the cache where present, else from `compute` (called
+    once, with the missing items only) and then stored. Returns the values and how many were
+    computed now. Without a cache everything is computed."""
+    keys = [key(item) for item in items]
+    cached = cache.get_many(set(keys)) if cache is not None else {}
+    missing = [item for item, k in zip(items, keys, strict=True) if k not in cached]
+    fresh: dict[str, Value] = {}
+    if missing:
+        values = compute(missing)
+        if len(values) != len(missing):
+            raise ValueError(f"{len(values)} results for {len(missing)} items")
+        fresh = {key(item): value for item, value in zip(missing, values, strict=True)}
+        if cache is not None:
+            cache.put_many({k: to_json(v) for k, v in fresh.items()})
+    return [fresh[k] if k in fresh else from_json(cached[k]) for k in keys], len(missing)

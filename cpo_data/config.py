@@ -32,6 +32,16 @@ def _fail(key: str, message: str) -> None:
     raise ConfigError(f"{key}: {message}")
 
 
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _check_device(key: str, device: str) -> None:
+    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+        _fail(key, f"{device!r} is not auto, cpu, cuda or cuda:N")
+
+
 def _check_lang(key: str, code: str | None) -> None:
     if code is None:
         return
@@ -77,8 +87,7 @@ class SourcesConfig:
     def __post_init__(self) -> None:
         if not self.path:
             _fail("path", "must name a file or folder")
-        if self.format not in SOURCE_FORMATS:
-            _fail("format", f"{self.format!r} is not one of {', '.join(SOURCE_FORMATS)}")
+        _check_choice("format", self.format, SOURCE_FORMATS)
         _check_lang("src_lang", self.src_lang)
         _check_lang("tgt_lang", self.tgt_lang)
         if self.format != "alma_r":
@@ -157,17 +166,11 @@ class GeneratorConfig:
             _fail("name", "give the system a name")
         if not self.model:
             _fail("model", "name a hub id or a local folder")
-        if self.kind not in MODEL_KINDS:
-            _fail("kind", f"{self.kind!r} is not one of {', '.join(MODEL_KINDS)}")
-        if self.strategy not in DECODING_STRATEGIES:
-            _fail("strategy", f"{self.strategy!r} is not one of {', '.join(DECODING_STRATEGIES)}")
-        if self.language_tokens not in LANGUAGE_TOKENS:
-            _fail("language_tokens",
-                  f"{self.language_tokens!r} is not one of {', '.join(LANGUAGE_TOKENS)}")
-        if self.dtype not in DTYPES:
-            _fail("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            _fail("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        _check_choice("kind", self.kind, MODEL_KINDS)
+        _check_choice("strategy", self.strategy, DECODING_STRATEGIES)
+        _check_choice("language_tokens", self.language_tokens, LANGUAGE_TOKENS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_device("device", self.device)
         if self.num_candidates < 1:
             _fail("num_candidates", "must be at least 1")
         if self.strategy == "greedy" and self.num_candidates != 1:
@@ -240,19 +243,14 @@ class ScorerConfig:
     def __post_init__(self) -> None:
         if not self.name:
             _fail("name", "give the scorer a name")
-        if self.kind not in SCORER_KINDS:
-            _fail("kind", f"{self.kind!r} is not one of {', '.join(SCORER_KINDS)}")
+        _check_choice("kind", self.kind, SCORER_KINDS)
         if self.kind == "comet" and not self.model:
             _fail("model", "a comet scorer needs a hub id or checkpoint path")
         if self.kind != "comet" and self.model:
             _fail("model", f"a {self.kind} scorer takes no model")
-        if self.dtype not in DTYPES:
-            _fail("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            _fail("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
-        if self.bleu_tokenize not in BLEU_TOKENIZERS:
-            _fail("bleu_tokenize",
-                  f"{self.bleu_tokenize!r} is not one of {', '.join(BLEU_TOKENIZERS)}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_device("device", self.device)
+        _check_choice("bleu_tokenize", self.bleu_tokenize, BLEU_TOKENIZERS)
         for key in ("token_budget", "max_batch_size"):
             if getattr(self, key) < 1:
                 _fail(key, "must be at least 1")
@@ -429,6 +427,11 @@ def _resolve_path(path: str, base: Path) -> str:
     return str((base / path).resolve())
 
 
+def _resolve_model(model: str | None, base: Path) -> str | None:
+    # Only explicit relative paths: `org/name` is a hub id, not a folder.
+    return _resolve_path(model, base) if model and model.startswith(".") else model
+
+
 def load_config(path: str | Path) -> BuildConfig:
     """Read and validate a build YAML; relative paths resolve against its folder."""
     path = Path(path)
@@ -450,20 +453,13 @@ def load_config(path: str | Path) -> BuildConfig:
     )
     publish = dataclasses.replace(config.publish, uri=_resolve_path(config.publish.uri, base))
     generate = config.generate
-    models = tuple(
-        # Only explicit relative paths: `org/name` is a hub id, not a folder.
-        dataclasses.replace(m, model=_resolve_path(m.model, base)) if m.model.startswith(".")
-        else m
-        for m in generate.models
-    )
+    models = tuple(dataclasses.replace(m, model=_resolve_model(m.model, base))
+                   for m in generate.models)
     cache_dir = _resolve_path(generate.cache_dir, base) if generate.cache_dir else None
     generate = dataclasses.replace(generate, models=models, cache_dir=cache_dir)
     score = config.score
-    scorers = tuple(
-        dataclasses.replace(s, model=_resolve_path(s.model, base))
-        if s.model and s.model.startswith(".") else s
-        for s in score.scorers
-    )
+    scorers = tuple(dataclasses.replace(s, model=_resolve_model(s.model, base))
+                    for s in score.scorers)
     score = dataclasses.replace(
         score, scorers=scorers,
         cache_dir=_resolve_path(score.cache_dir, base) if score.cache_dir else None)

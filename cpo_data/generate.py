@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from cpo_data import schema
-from cpo_data.cache import ContentCache
+from cpo_data.cache import ContentCache, cached_compute, identity_key
 from cpo_data.config import GenerateConfig
 
 EMPTY_OUTPUT = "empty_output"
@@ -89,11 +89,6 @@ class Candidates:
     report: GenerateReport
 
 
-def identity_key(identity: dict[str, Any]) -> str:
-    """Short stable hash of a generator or scorer identity."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def request_key(request: Request) -> str:
     """Cache key of one source under a fixed identity: its direction and text."""
     text = f"{request.src_lang}-{request.tgt_lang}\n{request.src}"
@@ -103,24 +98,14 @@ def request_key(request: Request) -> str:
 def _run_generator(generator: Generator, requests: list[Request], cache_dir: str | None,
                    report: GenerateReport) -> list[Generated]:
     name = generator.name
-    cache = (ContentCache(cache_dir, f"generate-{identity_key(generator.identity)}",
-                          generator.identity) if cache_dir else None)
-    keys = [request_key(r) for r in requests]
-    cached = cache.get_many(set(keys)) if cache is not None else {}
-    missing = [r for r, k in zip(requests, keys, strict=True) if k not in cached]
-    fresh: dict[str, Generated] = {}
-    if missing:
-        outputs = generator.generate(missing)
-        if len(outputs) != len(missing):
-            raise GenerateError(f"{name}: returned {len(outputs)} results for "
-                                f"{len(missing)} sources")
-        fresh = {request_key(r): o for r, o in zip(missing, outputs, strict=True)}
-        if cache is not None:
-            cache.put_many({k: {"texts": o.texts, "truncated": o.truncated}
-                            for k, o in fresh.items()})
-    report.generated[name] = len(missing)
-    report.from_cache[name] = len(requests) - len(missing)
-    results = [fresh[k] if k in fresh else Generated(**cached[k]) for k in keys]
+    cache = (ContentCache(cache_dir, "generate", generator.identity) if cache_dir else None)
+    results, generated = cached_compute(
+        cache, requests, request_key, generator.generate,
+        to_json=lambda g: {"texts": g.texts, "truncated": g.truncated},
+        from_json=lambda value: Generated(**value),
+    )
+    report.generated[name] = generated
+    report.from_cache[name] = len(requests) - generated
     report.truncated[name] = sum(g.truncated for g in results)
     if report.truncated[name]:
         log.warning("%s: %d of %d sources were longer than the model allows and were truncated",
@@ -186,10 +171,11 @@ def generate_candidates(
         if generator.name in wanted or generator.name == config.reference_name:
             raise GenerateError(f"models: {generator.name!r} is also a provided system's name")
         decoding = json.dumps(generator.identity.get("decoding", {}), sort_keys=True)
+        key = identity_key(generator.identity)
         results = _run_generator(generator, requests, config.cache_dir, report)
         for row, result in zip(rows, results, strict=True):
             for index, text in enumerate(result.texts):
-                add(row, generator.name, text, identity_key(generator.identity), decoding, index)
+                add(row, generator.name, text, key, decoding, index)
 
     table = pa.Table.from_pylist(
         [candidate for texts in by_source.values() for candidate in texts.values()],

@@ -19,9 +19,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from cpo_data import schema
-from cpo_data.cache import ContentCache
+from cpo_data.cache import ContentCache, cached_compute
 from cpo_data.config import EnsembleConfig, ScoreConfig
-from cpo_data.generate import identity_key
 
 EMPTY_MT = "empty_mt"
 MISSING_REFERENCE = "missing_reference"
@@ -57,6 +56,8 @@ class Scorer(Protocol):
     """What decides the numbers (checkpoint fingerprint, settings): the cache key."""
     needs_reference: bool
     higher_is_better: bool
+    last_truncated: int
+    """Items the last `score` call had to cut to the model's input length."""
 
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         """One result per item, in order."""
@@ -90,33 +91,19 @@ def item_key(item: ScoreItem) -> str:
 def _score_distinct(scorer: Scorer, items: list[ScoreItem], cache_dir: str | None,
                     report: ScoreReport) -> dict[ScoreItem, ScoreResult]:
     """Scores of distinct items: from the cache where present, from the scorer otherwise."""
-    cache = (ContentCache(cache_dir, f"score-{identity_key(scorer.identity)}", scorer.identity)
-             if cache_dir else None)
-    keys = {item: item_key(item) for item in items}
-    cached = cache.get_many(keys.values()) if cache is not None else {}
-    missing = [item for item in items if keys[item] not in cached]
-    fresh: dict[ScoreItem, ScoreResult] = {}
-    if missing:
-        results = scorer.score(missing)
-        if len(results) != len(missing):
-            raise ScoreError(f"{scorer.name}: {len(results)} scores for {len(missing)} items")
-        fresh = dict(zip(missing, results, strict=True))
-        if cache is not None:
-            # NaN is not JSON: cache it as null, so a refresh drops it again without rescoring.
-            cache.put_many({keys[i]: {"score": r.score if math.isfinite(r.score) else None,
-                                      "error_spans": r.error_spans} for i, r in fresh.items()})
-    report.scored[scorer.name] = len(missing)
-    report.from_cache[scorer.name] = len(items) - len(missing)
-    report.truncated[scorer.name] = getattr(scorer, "last_truncated", 0)
-    out = {}
-    for item in items:
-        if item in fresh:
-            out[item] = fresh[item]
-        else:
-            value = cached[keys[item]]
-            score = value["score"] if value["score"] is not None else math.nan
-            out[item] = ScoreResult(score, value["error_spans"])
-    return out
+    cache = ContentCache(cache_dir, "score", scorer.identity) if cache_dir else None
+    results, scored = cached_compute(
+        cache, items, item_key, scorer.score,
+        # NaN is not JSON: cache it as null, so a refresh drops it again without rescoring.
+        to_json=lambda r: {"score": r.score if math.isfinite(r.score) else None,
+                           "error_spans": r.error_spans},
+        from_json=lambda v: ScoreResult(v["score"] if v["score"] is not None else math.nan,
+                                        v["error_spans"]),
+    )
+    report.scored[scorer.name] = scored
+    report.from_cache[scorer.name] = len(items) - scored
+    report.truncated[scorer.name] = scorer.last_truncated if scored else 0
+    return dict(zip(items, results, strict=True))
 
 
 def score_candidates(candidates: pa.Table, sources: pa.Table, config: ScoreConfig,

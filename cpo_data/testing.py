@@ -101,6 +101,22 @@ def train_tokenizer(extra_special_tokens: tuple[str, ...] = (), vocab_size: int 
     )
 
 
+def _eos_after_text(tokenizer) -> None:
+    """Seq2seq encoders read "text </s>", as Marian and M2M100 tokenizers write it."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
+
+
+def _save_seq2seq(model, tokenizer, path, decoder_start: int):
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.decoder_start_token_id = decoder_start
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def build_tiny_causal_lm(path, seed: int = 0, hidden_size: int = 32, layers: int = 2,
                          chat_template: bool = False):
     """A Llama-architecture causal LM with random weights, saved as an ordinary HF folder."""
@@ -134,12 +150,7 @@ def build_tiny_marian(path, seed: int = 0, d_model: int = 32, layers: int = 2):
     from transformers import MarianConfig, MarianMTModel
 
     tokenizer = train_tokenizer(add_bos=False)
-    # Marian encodes "text </s>" and starts decoding from the pad token.
-    from tokenizers import processors
-
-    backend = tokenizer.backend_tokenizer
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
+    _eos_after_text(tokenizer)  # Marian starts decoding from the pad token
     config = MarianConfig(
         vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers,
         decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -149,12 +160,7 @@ def build_tiny_marian(path, seed: int = 0, d_model: int = 32, layers: int = 2):
         init_std=0.5,  # large random weights: outputs then depend on the source
     )
     torch.manual_seed(seed)
-    model = MarianMTModel(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_seq2seq(MarianMTModel(config), tokenizer, path, tokenizer.pad_token_id)
 
 
 def build_tiny_nllb(path, seed: int = 0, d_model: int = 32, layers: int = 2,
@@ -177,12 +183,8 @@ def build_tiny_nllb(path, seed: int = 0, d_model: int = 32, layers: int = 2,
             tokenizer = NllbTokenizerFast(tokenizer_file=f"{folder}/tokenizer.json",
                                           src_lang="eng_Latn", tgt_lang="deu_Latn")
     else:
-        from tokenizers import processors
-
         tokenizer = train_tokenizer(extra_special_tokens=language_codes, add_bos=False)
-        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="$A </s>", pair="$A $B </s>",
-            special_tokens=[("</s>", tokenizer.eos_token_id)])
+        _eos_after_text(tokenizer)
     config = M2M100Config(
         vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=d_model * 2,
@@ -193,11 +195,7 @@ def build_tiny_nllb(path, seed: int = 0, d_model: int = 32, layers: int = 2,
     )
     torch.manual_seed(seed)
     model = M2M100ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.decoder_start_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_seq2seq(model, tokenizer, path, tokenizer.eos_token_id)
 
 
 # ---- tiny COMET checkpoints, built offline ----------------------------------------------

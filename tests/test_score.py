@@ -165,6 +165,7 @@ class Fixed:
         self.identity = {"fixed": name, "numbers": sorted(numbers.items())}
         self.higher_is_better, self.needs_reference = higher_is_better, needs_reference
         self.calls = 0
+        self.last_truncated = 0
 
     def score(self, items):
         self.calls += 1
@@ -210,6 +211,16 @@ def test_sacrebleu_scorers_equal_sacrebleu():
 
 
 # ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_truncation_counts_only_what_was_scored_now(tmp_path):
+    candidates, sources = _tables([("Quelle.", ["a", "b"])])
+    scorer = Fixed("kiwi", {"a": 0.5, "b": 0.4})
+    scorer.last_truncated = 1  # as a COMET scorer reports after cutting one segment
+    config = ScoreConfig(cache_dir=str(tmp_path))
+    assert score_candidates(candidates, sources, config, [scorer]).report.truncated == {"kiwi": 1}
+    # Served from the cache: nothing was cut in this run, whatever the scorer last reported.
+    assert score_candidates(candidates, sources, config, [scorer]).report.truncated == {"kiwi": 0}
 
 
 def test_empty_mt_is_dropped_not_scored():

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cpo_data.backends.torch_device import halving_on_oom, pick_device, pick_dtype
+from cpo_data.batching import token_budget_batches
 from cpo_data.config import ScorerConfig
 from cpo_data.fingerprint import folder_fingerprint
 from cpo_data.score import ScoreError, ScoreItem, ScoreResult
@@ -119,19 +120,8 @@ class CometScorer:
 
     def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Item indices per batch: longest first, rows x longest under the token budget."""
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        batches, current, longest = [], [], 0
-        for i in order:
-            width = max(longest, min(lengths[i], self.max_tokens))
-            if current and ((len(current) + 1) * width > self.config.token_budget
-                            or len(current) >= self.config.max_batch_size):
-                batches.append(current)
-                current, width = [], min(lengths[i], self.max_tokens)
-            current.append(i)
-            longest = width
-        if current:
-            batches.append(current)
-        return batches
+        return token_budget_batches(lengths, lambda longest: min(longest, self.max_tokens),
+                                    self.config.token_budget, self.config.max_batch_size)
 
     def _samples(self, items: Sequence[ScoreItem]) -> list[dict[str, str]]:
         samples = []

@@ -10,9 +10,7 @@ new tokens start at the same column. On CUDA out-of-memory a batch is split in h
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 
 from cpo_data.backends.torch_device import halving_on_oom, pick_device, pick_dtype
+from cpo_data.batching import token_budget_batches
 from cpo_data.config import GeneratorConfig
 from cpo_data.fingerprint import weights_fingerprint
 from cpo_data.generate import Generated, GenerateError, Request
@@ -28,8 +27,10 @@ from cpo_data.select import render_prompt
 
 log = logging.getLogger(__name__)
 
+
 def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1
+    """`./m`, `/m`, `~/m` or `a/b/c` are folders; a hub id is `name` or `org/name`."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
 def _load_error(model: str, error: Exception) -> GenerateError:
@@ -107,6 +108,7 @@ class HFGenerator:
         self.scheme = (_language_tokens(self.tokenizer, config.language_tokens) if self.seq2seq
                        else None)
         self._src_token_id: int | None = None
+        self._prompt_overhead: dict[tuple[str, str], int] = {}
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.context = positions or 1 << 30
         self.identity = {
@@ -163,13 +165,20 @@ class HFGenerator:
             if self._src_token_id is not None and ids[:1] != [self._src_token_id]:
                 ids = [self._src_token_id, *ids]  # tokenizers without a src_lang setting
             return ids, cut
-        empty = self._render(request, "")
-        overhead = len(self.tokenizer(empty, add_special_tokens=not self.config.use_chat_template)
-                       ["input_ids"])
-        src, cut = self._truncate(request.src, self._source_limit(overhead))
-        text = self._render(request, src)
-        ids = self.tokenizer(text, add_special_tokens=not self.config.use_chat_template)
-        return ids["input_ids"], cut
+        specials = not self.config.use_chat_template  # a chat template writes its own BOS
+        pair = (request.src_lang, request.tgt_lang)
+        if pair not in self._prompt_overhead:  # the prompt's own tokens depend on the pair only
+            empty = self._render(request, "")
+            self._prompt_overhead[pair] = len(
+                self.tokenizer(empty, add_special_tokens=specials)["input_ids"])
+        overhead = self._prompt_overhead[pair]
+        ids = self.tokenizer(self._render(request, request.src),
+                             add_special_tokens=specials)["input_ids"]
+        if len(ids) - overhead <= self._source_limit(overhead):
+            return ids, False  # the common case: one tokenization
+        src, _ = self._truncate(request.src, self._source_limit(overhead))
+        ids = self.tokenizer(self._render(request, src), add_special_tokens=specials)
+        return ids["input_ids"], True
 
     def _render(self, request: Request, src: str) -> str:
         prompt = render_prompt(self.config.prompt_template, request.src_lang, request.tgt_lang,
@@ -209,21 +218,10 @@ class HFGenerator:
 
     def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Row indices per batch: longest first, each batch under the token budget."""
-        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        width = self._sequences_per_row()
-        batches, current, longest = [], [], 0
-        for i in order:
-            longest_if_added = max(longest, lengths[i])
-            cost = (len(current) + 1) * (longest_if_added + self.config.max_new_tokens) * width
-            if current and (cost > self.config.token_budget
-                            or len(current) >= self.config.max_batch_size):
-                batches.append(current)
-                current, longest_if_added = [], lengths[i]
-            current.append(i)
-            longest = longest_if_added
-        if current:
-            batches.append(current)
-        return batches
+        per_row = self._sequences_per_row()
+        return token_budget_batches(
+            lengths, lambda longest: (longest + self.config.max_new_tokens) * per_row,
+            self.config.token_budget, self.config.max_batch_size)
 
     def _generation_kwargs(self) -> dict[str, Any]:
         c = self.config
@@ -305,9 +303,3 @@ class HFGenerator:
 def load_generator(config: GeneratorConfig) -> HFGenerator:
     """The generator for one configured model (weights loaded once per process)."""
     return HFGenerator(config)
-
-
-def describe(generator: HFGenerator) -> str:
-    """One line for logs: which model, on what, decoding how."""
-    return (f"{generator.name}: {generator.config.model} on {generator.device} "
-            f"({generator.model.dtype}), {json.dumps(generator.decoding)}")

@@ -35,6 +35,7 @@ class SacrebleuScorer:
         self.identity = {"kind": config.kind, "sacrebleu": sacrebleu.__version__,
                          "tokenize": config.bleu_tokenize if config.kind == "bleu" else None}
         self.calls = 0
+        self.last_truncated = 0  # sentence metrics read the whole text
 
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         self.calls += 1
