@@ -106,12 +106,21 @@ def _score_distinct(scorer: Scorer, items: list[ScoreItem], cache_dir: str | Non
     return dict(zip(items, results, strict=True))
 
 
+def _columns_as_rows(table: pa.Table, names: list[str]) -> list[dict]:
+    columns = [table.column(name).to_pylist() for name in names]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
 def score_candidates(candidates: pa.Table, sources: pa.Table, config: ScoreConfig,
                      scorers: Sequence[Scorer]) -> Scores:
     """The scores table (one row per candidate and scorer, ensembles included)."""
-    candidates = schema.validate(candidates, schema.CANDIDATES, what="candidates").to_pylist()
-    by_id = {r["source_id"]: r for r in
-             schema.validate(sources, schema.SOURCES, what="sources").to_pylist()}
+    # Only the columns used here are turned into Python objects: converting whole rows
+    # (lists of systems, decoding settings) cost more than a cached refresh itself.
+    candidates = _columns_as_rows(
+        schema.validate(candidates, schema.CANDIDATES, what="candidates"), ["source_id", "text"])
+    by_id = {r["source_id"]: r for r in _columns_as_rows(
+        schema.validate(sources, schema.SOURCES, what="sources"),
+        ["source_id", "lang_pair", "src", "ref"])}
     missing_sources = {c["source_id"] for c in candidates} - set(by_id)
     if missing_sources:
         raise ScoreError(f"candidates name {len(missing_sources)} sources not in the sources "

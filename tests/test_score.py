@@ -108,6 +108,25 @@ def test_out_of_memory_halves_the_batch_with_the_same_scores(checkpoints, monkey
     assert scorer.oom_splits > 0
 
 
+def test_token_memo_gives_the_tensors_comet_builds(checkpoints):
+    """Each distinct string is tokenized once per score() call; the encoder must still get the
+    ids, padding and mask its own prepare_sample makes, truncated segments included."""
+    from cpo_data.backends import comet_score
+
+    encoder = load_scorer(ScorerConfig(name="k", model=checkpoints["kiwi"])).model.encoder
+    texts = [SOURCES[0], OUTPUTS[1], SOURCES[0], " ".join(SOURCES * 20), "", OUTPUTS[1]]
+    theirs = encoder.prepare_sample(texts)  # no memo active: COMET's own code
+    with comet_score._active_memo() as memo:
+        ours = encoder.prepare_sample(texts)
+        assert len(memo) == 4  # repeats were looked up, not tokenized again
+        longest = max(len(memo[t]) for t in texts[:2])
+        assert encoder.prepare_sample(texts[:2])["input_ids"].shape == (2, longest)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert theirs["input_ids"].shape[1] == encoder.max_positions - 2
+
+
 def test_long_segments_are_counted_as_truncated(checkpoints, caplog):
     scorer = load_scorer(ScorerConfig(name="k", model=checkpoints["kiwi"]))
     long = ScoreItem(" ".join(SOURCES * 20), "The train leaves.")

@@ -7,13 +7,20 @@ the same checkpoint and dtype the numbers are COMET's own (tested against `predi
 
 Batches are filled by token count up to a budget, longest first, and the caller's order is
 restored. Segments longer than the encoder takes are cut by COMET itself; we count them.
+
+Each distinct string is tokenized once per `score()` call: a source shared by seven candidates,
+or a candidate that sampling produced twice, would otherwise be tokenized again for every row,
+and once more to plan the batches. The encoder's own `prepare_sample` is served from that memo
+(same tokenizer call, same truncation, same padding), so the model sees the same tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,61 @@ def resolve_checkpoint(model: str) -> Path:
     return Path(folder) / "checkpoints" / "model.ckpt"
 
 
+# Token ids per string for the `score()` call running in this thread or task, if any.
+_token_memo: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
+    "cpo_data_comet_token_memo", default=None)
+
+
+def _memo_token_ids(encoder: Any, texts: Sequence[str], memo: dict[str, list[int]]) -> list:
+    """Ids as `encoder.prepare_sample` makes them, tokenizing only strings not seen yet."""
+    missing = list(dict.fromkeys(t for t in texts if t not in memo))
+    if missing:
+        ids = encoder.tokenizer(missing, truncation=True,
+                                max_length=encoder.max_positions - 2)["input_ids"]
+        memo.update(zip(missing, ids, strict=True))
+    return [memo[t] for t in texts]
+
+
+def _serve_from_memo(encoder: Any) -> None:
+    """Route the encoder's plain (not word-level) tokenization through the active memo."""
+    original = encoder.prepare_sample
+
+    def prepare_sample(sample, word_level=False, annotations=None):
+        memo = _token_memo.get()
+        if memo is None or word_level:  # XCOMET's word-level path keeps COMET's own code
+            return original(sample, word_level, annotations)
+        return _pad(_memo_token_ids(encoder, sample, memo), encoder.tokenizer)
+
+    encoder.prepare_sample = prepare_sample
+
+
+def _pad(ids: list[list[int]], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """What `tokenizer(..., padding=True, return_tensors="pt")` returns for these ids.
+
+    Written out because `tokenizer.pad` on lists of ints costs more than the forward pass of a
+    small encoder (1.4 ms per batch, most of it converting to tensors)."""
+    longest = max(len(row) for row in ids)
+    left = tokenizer.padding_side == "left"
+    pad_id = tokenizer.pad_token_id  # a slow property lookup in transformers: read it once
+    padded, mask = [], []
+    for row in ids:
+        fill = longest - len(row)
+        padded.append([pad_id] * fill + row if left else row + [pad_id] * fill)
+        mask.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
+    return {"input_ids": torch.tensor(padded, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long)}
+
+
+@contextlib.contextmanager
+def _active_memo() -> Iterator[dict[str, list[int]]]:
+    memo: dict[str, list[int]] = {}
+    token = _token_memo.set(memo)
+    try:
+        yield memo
+    finally:
+        _token_memo.reset(token)
+
+
 @functools.lru_cache(maxsize=4)
 def _load(checkpoint: str, device: str, dtype: str) -> Any:
     """One COMET model per process for the same checkpoint, device and dtype."""
@@ -71,6 +133,7 @@ def _load(checkpoint: str, device: str, dtype: str) -> Any:
     model = comet.load_from_checkpoint(checkpoint, local_files_only=True)
     model.eval()
     model.to(torch_device, dtype=pick_dtype(dtype, torch_device))
+    _serve_from_memo(model.encoder)
     return model
 
 
@@ -109,14 +172,16 @@ class CometScorer:
         self.oom_splits = 0
         self.last_truncated = 0
 
-    def _lengths(self, items: Sequence[ScoreItem]) -> list[int]:
+    def _lengths(self, items: Sequence[ScoreItem], memo: dict[str, list[int]]) -> list[int]:
+        """Tokens per item once its segments are joined (each carries its 2 specials).
+
+        Segments come already cut to the encoder's limit, so an item over `max_tokens` here
+        is one COMET truncates: a cut segment alone fills all but 2 positions.
+        """
         texts = [[i.mt, i.src] + ([i.ref] if self.needs_reference and i.ref else [])
                  for i in items]
-        flat = [t for group in texts for t in group]
-        counts = iter(len(ids) for ids in
-                      self.tokenizer(flat, add_special_tokens=False)["input_ids"])
-        # + 2 per segment for the separators and specials COMET adds between them.
-        return [sum(next(counts) + 2 for _ in group) for group in texts]
+        ids = iter(_memo_token_ids(self.model.encoder, [t for g in texts for t in g], memo))
+        return [sum(len(next(ids)) for _ in group) for group in texts]
 
     def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Item indices per batch: longest first, rows x longest under the token budget."""
@@ -147,9 +212,12 @@ class CometScorer:
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         if self.needs_reference and any(i.ref is None for i in items):
             raise ScoreError(f"{self.name}: use_reference is set but an item has no reference")
+        with _active_memo() as memo:
+            return self._score_all(items, self._lengths(items, memo))
+
+    def _score_all(self, items: Sequence[ScoreItem], lengths: list[int]) -> list[ScoreResult]:
         from tqdm.auto import tqdm
 
-        lengths = self._lengths(items)
         self.last_truncated = sum(n > self.max_tokens for n in lengths)
         if self.last_truncated:
             log.warning("%s: %d of %d segments exceed the encoder's %d tokens; COMET "
