@@ -8,6 +8,7 @@ type is refused before any work starts, with the key's full path in the message
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -315,6 +316,19 @@ class SelectConfig:
     """Prompt with {Src}, {Tgt} (English language names), {src}, {src_lang}, {tgt_lang}."""
     use_human_labels: bool = True
     """Rows with a human preference take it over the scores."""
+    rank_by: str | None = None
+    """Score that ranks candidates (a scorer or ensemble name); null: the only ensemble, else
+    the only scorer."""
+    min_margin: float = 0.0
+    """Pairs whose chosen score exceeds the rejected one by less than this are dropped."""
+    pairs_per_source: int = 1
+    """1: best against worst (ALMA-R); n: best against each of the n worst candidates."""
+    reference_may_be_chosen: bool = True
+    """Whether the reference, when it is a candidate, may be the chosen side."""
+    reference_may_be_rejected: bool = True
+    """Whether the reference, when it is a candidate, may be the rejected side."""
+    exclude_systems: tuple[str, ...] = ()
+    """Systems whose candidates are never paired (a text another system also gave stays)."""
 
     def __post_init__(self) -> None:
         if "{src}" not in self.prompt_template:
@@ -323,6 +337,10 @@ class SelectConfig:
             self.prompt_template.format(Src="x", Tgt="y", src="z", src_lang="a", tgt_lang="b")
         except (KeyError, IndexError, ValueError) as error:
             _fail("prompt_template", f"cannot be filled: {error!r}")
+        if self.min_margin < 0 or not math.isfinite(self.min_margin):
+            _fail("min_margin", f"must be a finite number >= 0, got {self.min_margin}")
+        if self.pairs_per_source < 1:
+            _fail("pairs_per_source", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -355,10 +373,37 @@ class BuildConfig:
     """How candidates are scored."""
     select: SelectConfig = field(default_factory=SelectConfig)
     """How pairs are picked."""
+    work_dir: str = ".cpo-data/work"
+    """Caches and finished shards of the build flow; a rerun resumes from here."""
+    shard_size: int = 1000
+    """Sources per generation and scoring task."""
 
     def __post_init__(self) -> None:
         if not self.sources:
             _fail("sources", "list at least one source file")
+        if self.shard_size < 1:
+            _fail("shard_size", "must be at least 1")
+        scorers = [s.name for s in self.score.scorers]
+        ensembles = [e.name for e in self.score.ensembles]
+        if self.select.rank_by is not None and self.select.rank_by not in scorers + ensembles:
+            _fail("select.rank_by", f"{self.select.rank_by!r} is not a scorer or ensemble "
+                  f"({scorers + ensembles})")
+        if self.select.exclude_systems and not self.score.scorers:
+            _fail("select.exclude_systems", "only applies when candidates are scored")
+        self.rank_by  # noqa: B018 - several scores and no rank_by: refuse before any work
+
+    @property
+    def rank_by(self) -> str | None:
+        """The score that ranks candidates, or None when nothing is scored."""
+        if self.select.rank_by is not None:
+            return self.select.rank_by
+        if len(self.score.ensembles) == 1:
+            return self.score.ensembles[0].name
+        if len(self.score.scorers) == 1:
+            return self.score.scorers[0].name
+        if self.score.scorers:
+            _fail("select.rank_by", "several scores exist: name the one that ranks candidates")
+        return None
 
 
 def _is_optional(type_: Any) -> bool:

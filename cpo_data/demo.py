@@ -31,7 +31,8 @@ class PublishedBuild:
 def build_from_labels(config: BuildConfig) -> PublishedBuild:
     """Ingest the sources, pair outputs by their human labels, publish one version."""
     loaded = sources.load_sources(config.sources)
-    triplets, dropped = select.select_by_human_label(loaded.table, config.select)
+    selection = select.select_triplets(loaded.table, None, None, config.select, rank_by=None)
+    triplets, dropped = selection.triplets, selection.dropped
     provenance = {
         "cpo_data_version": __version__,
         "config": dataclasses.asdict(config),

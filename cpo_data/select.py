@@ -1,13 +1,30 @@
 """Pick chosen/rejected pairs per source and write their prompt.
 
-This module grows with the scoring stage; for now pairs come from human labels (ALMA-R's
-`Delta`): the preferred system's output is chosen, the other rejected. Every source that yields
-no pair lands in the dropped table with a reason.
+Per source, candidates are ranked by one score (`rank_by`): chosen = the best, rejected = the
+worst, the middle ones left out (ALMA-R's rule); with `pairs_per_source: n`, the best is paired
+with each of the n worst instead. Sources with a human preference (ALMA-R's `Delta`) take it over
+the scores when `use_human_labels` is on.
+
+Ties: candidates with equal scores keep the order of the candidates table (the reference first,
+then provided systems in the order the sources list them, then generated candidates in model
+order), and the earliest wins both picks, as `argmax`/`argmin` do in ALMA-R's code. A pair is
+only made with a strictly lower score: a source whose candidates all tie is dropped.
+
+A candidate text that several systems produced names them all, joined by `+`
+(`chosen_system: "ref+gpt4"`), and counts for each of them in the per-system tallies.
+
+Drop reasons (the `dropped` table; one row per left-out source, pair or unranked candidate):
+`no_human_label` (labels only, nothing scored), `identical_texts` (the two sides are the same
+text), `no_candidate`, `single_candidate` (fewer than two candidates to pair, after exclusions
+and reference rules), `score_missing` (a candidate without the ranking score: the scoring stage
+dropped it), `tied_scores`, `margin_below_min`.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -17,6 +34,11 @@ from cpo_data.langs import language_name
 
 NO_HUMAN_LABEL = "no_human_label"
 IDENTICAL_TEXTS = "identical_texts"
+NO_CANDIDATE = "no_candidate"
+SINGLE_CANDIDATE = "single_candidate"
+SCORE_MISSING = "score_missing"
+TIED_SCORES = "tied_scores"
+MARGIN_BELOW_MIN = "margin_below_min"
 
 
 def render_prompt(template: str, src_lang: str, tgt_lang: str, src: str) -> str:
@@ -32,40 +54,264 @@ def triplet_id(source_id: str, chosen: str, rejected: str) -> str:
     return hashlib.sha256(f"{source_id}\n{chosen}\n{rejected}".encode()).hexdigest()[:20]
 
 
-def select_by_human_label(sources: pa.Table, config: SelectConfig) -> tuple[pa.Table, pa.Table]:
-    """Triplets from the human labels in a sources table, and the sources left out."""
-    sources = schema.validate(sources, schema.SOURCES, what="sources")
-    triplets, dropped = [], []
-    for row in sources.to_pylist():
-        outputs = {s["system"]: s["text"] for s in row["systems"]}
-        base = {"source_id": row["source_id"], "lang_pair": row["lang_pair"]}
-        if not config.use_human_labels or row["human_preferred"] is None:
-            dropped.append({**base, "reason": NO_HUMAN_LABEL, "detail": None})
-            continue
-        chosen_system, rejected_system = row["human_preferred"], row["human_dispreferred"]
-        chosen, rejected = outputs[chosen_system], outputs[rejected_system]
-        if chosen == rejected:
-            detail = f"{chosen_system} and {rejected_system} gave the same text"
-            dropped.append({**base, "reason": IDENTICAL_TEXTS, "detail": detail})
-            continue
-        triplets.append({
-            "id": triplet_id(row["source_id"], chosen, rejected),
-            **base,
-            "src_lang": row["src_lang"],
-            "tgt_lang": row["tgt_lang"],
-            "src": row["src"],
-            "prompt": render_prompt(config.prompt_template, row["src_lang"], row["tgt_lang"],
-                                    row["src"]),
+@dataclass
+class LabelAgreement:
+    """How often the ranking score agrees with the human labels, where both exist."""
+
+    labelled: int = 0
+    """Sources with a human preference."""
+    compared: int = 0
+    """Of those, sources where both labelled texts have the ranking score."""
+    agree: int = 0
+    """The preferred text scored higher."""
+    ties: int = 0
+    """Both texts scored the same (or were the same text)."""
+
+
+@dataclass
+class SelectReport:
+    """What selection did: counts for the summary and the flow's artifacts."""
+
+    sources: int = 0
+    triplets: int = 0
+    by_method: dict[str, int] = field(default_factory=dict)
+    """Triplets per `selected_by` (score, human_label)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Dropped rows per reason."""
+    chosen: dict[str, int] = field(default_factory=dict)
+    """How often each system is on the chosen side (ALMA-R's Table 2)."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """How often each system is on the rejected side."""
+    agreement: LabelAgreement = field(default_factory=LabelAgreement)
+
+
+@dataclass
+class Selection:
+    triplets: pa.Table
+    dropped: pa.Table
+    report: SelectReport
+
+
+@dataclass
+class _Candidate:
+    index: int
+    """Position in the candidates table: the tie-break."""
+    text: str
+    systems: list[str]
+    scores: dict[str, float]
+
+
+def _scores_by_candidate(scores: pa.Table | None) -> dict[tuple[str, str], dict[str, float]]:
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    if scores is None:
+        return found
+    scores = schema.validate(scores, schema.SCORES, what="scores")
+    for sid, text, scorer, value in zip(*(scores.column(c).to_pylist() for c in
+                                          ("source_id", "text", "scorer", "score")), strict=True):
+        found.setdefault((sid, text), {})[scorer] = value
+    return found
+
+
+def _candidates_by_source(candidates: pa.Table | None,
+                          scores: dict[tuple[str, str], dict[str, float]]
+                          ) -> dict[str, list[_Candidate]]:
+    found: dict[str, list[_Candidate]] = {}
+    if candidates is None:
+        return found
+    candidates = schema.validate(candidates, schema.CANDIDATES, what="candidates")
+    columns = (candidates.column(c).to_pylist() for c in ("source_id", "text", "systems"))
+    for index, (sid, text, systems) in enumerate(zip(*columns, strict=True)):
+        found.setdefault(sid, []).append(
+            _Candidate(index, text, systems, scores.get((sid, text), {})))
+    return found
+
+
+def _score_list(scores: dict[str, float]) -> list[dict]:
+    return [{"scorer": name, "score": scores[name]} for name in sorted(scores)]
+
+
+class _Builder:
+    """Collects triplets, drops and tallies for one selection run."""
+
+    def __init__(self, config: SelectConfig, rank_by: str | None):
+        self.config = config
+        self.rank_by = rank_by
+        self.triplets: list[dict] = []
+        self.dropped: list[dict] = []
+        self.report = SelectReport()
+
+    def drop(self, source: dict, reason: str, detail: str | None) -> None:
+        self.dropped.append({"source_id": source["source_id"], "lang_pair": source["lang_pair"],
+                             "reason": reason, "detail": detail})
+        self.report.dropped[reason] = self.report.dropped.get(reason, 0) + 1
+
+    def pair(self, source: dict, chosen: str, rejected: str, chosen_systems: list[str],
+             rejected_systems: list[str], chosen_scores: dict[str, float],
+             rejected_scores: dict[str, float], selected_by: str) -> None:
+        chosen_score = chosen_scores.get(self.rank_by) if self.rank_by else None
+        rejected_score = rejected_scores.get(self.rank_by) if self.rank_by else None
+        margin = (chosen_score - rejected_score
+                  if chosen_score is not None and rejected_score is not None else None)
+        self.triplets.append({
+            "id": triplet_id(source["source_id"], chosen, rejected),
+            "source_id": source["source_id"],
+            "lang_pair": source["lang_pair"],
+            "src_lang": source["src_lang"],
+            "tgt_lang": source["tgt_lang"],
+            "src": source["src"],
+            "prompt": render_prompt(self.config.prompt_template, source["src_lang"],
+                                    source["tgt_lang"], source["src"]),
             "chosen": chosen,
             "rejected": rejected,
-            "chosen_system": chosen_system,
-            "rejected_system": rejected_system,
-            "chosen_score": None,
-            "rejected_score": None,
-            "margin": None,
-            "chosen_scores": [],
-            "rejected_scores": [],
-            "selected_by": "human_label",
+            "chosen_system": "+".join(chosen_systems),
+            "rejected_system": "+".join(rejected_systems),
+            "chosen_score": chosen_score,
+            "rejected_score": rejected_score,
+            "margin": margin,
+            "chosen_scores": _score_list(chosen_scores),
+            "rejected_scores": _score_list(rejected_scores),
+            "selected_by": selected_by,
         })
-    return (pa.Table.from_pylist(triplets, schema=schema.TRIPLETS),
-            pa.Table.from_pylist(dropped, schema=schema.DROPPED))
+        report = self.report
+        report.triplets += 1
+        report.by_method[selected_by] = report.by_method.get(selected_by, 0) + 1
+        for system in chosen_systems:
+            report.chosen[system] = report.chosen.get(system, 0) + 1
+        for system in rejected_systems:
+            report.rejected[system] = report.rejected.get(system, 0) + 1
+
+
+def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.Table | None,
+                    config: SelectConfig, rank_by: str | None,
+                    reference_name: str = "ref") -> Selection:
+    """Triplets for every source that yields a pair, and a dropped row for everything else.
+
+    `rank_by` is the score that ranks candidates (`BuildConfig.rank_by`); None means nothing
+    was scored, so only human labels make pairs. `reference_name` is the system name the
+    reference carries as a candidate (for the reference rules).
+    """
+    sources = schema.validate(sources, schema.SOURCES, what="sources")
+    score_map = _scores_by_candidate(scores)
+    by_source = _candidates_by_source(candidates, score_map)
+    builder = _Builder(config, rank_by)
+    for source in sources.to_pylist():
+        builder.report.sources += 1
+        labelled = source["human_preferred"] is not None
+        if labelled and rank_by is not None:
+            _tally_agreement(builder.report.agreement, source, score_map, rank_by)
+        if labelled and config.use_human_labels:
+            _pair_by_label(builder, source, score_map)
+        elif rank_by is None:
+            builder.drop(source, NO_HUMAN_LABEL, "nothing is scored, so only labelled sources "
+                         "make pairs" if config.use_human_labels else "use_human_labels is off "
+                         "and nothing is scored")
+        else:
+            _pair_by_score(builder, source, by_source.get(source["source_id"], []),
+                           rank_by, reference_name)
+    return Selection(
+        triplets=pa.Table.from_pylist(builder.triplets, schema=schema.TRIPLETS),
+        dropped=pa.Table.from_pylist(builder.dropped, schema=schema.DROPPED),
+        report=builder.report,
+    )
+
+
+def _labelled_texts(source: dict) -> tuple[str, str]:
+    outputs = {s["system"]: s["text"].strip() for s in source["systems"]}
+    return outputs[source["human_preferred"]], outputs[source["human_dispreferred"]]
+
+
+def _tally_agreement(agreement: LabelAgreement, source: dict,
+                     score_map: dict[tuple[str, str], dict[str, float]], rank_by: str) -> None:
+    agreement.labelled += 1
+    preferred, dispreferred = _labelled_texts(source)
+    sid = source["source_id"]
+    good = score_map.get((sid, preferred), {}).get(rank_by)
+    bad = score_map.get((sid, dispreferred), {}).get(rank_by)
+    if good is None or bad is None:
+        return
+    agreement.compared += 1
+    if good > bad:
+        agreement.agree += 1
+    elif good == bad:
+        agreement.ties += 1
+
+
+def _pair_by_label(builder: _Builder, source: dict,
+                   score_map: dict[tuple[str, str], dict[str, float]]) -> None:
+    preferred, dispreferred = _labelled_texts(source)
+    good_system, bad_system = source["human_preferred"], source["human_dispreferred"]
+    if preferred == dispreferred:
+        builder.drop(source, IDENTICAL_TEXTS, f"{good_system} and {bad_system} gave the same text")
+        return
+    sid = source["source_id"]
+    builder.pair(source, preferred, dispreferred, [good_system], [bad_system],
+                 score_map.get((sid, preferred), {}), score_map.get((sid, dispreferred), {}),
+                 "human_label")
+
+
+def _pair_by_score(builder: _Builder, source: dict, candidates: list[_Candidate], rank_by: str,
+                   reference_name: str) -> None:
+    config = builder.config
+    excluded = set(config.exclude_systems)
+    ranked: list[_Candidate] = []
+    for candidate in candidates:
+        systems = [s for s in candidate.systems if s not in excluded]
+        if not systems:
+            continue  # configured away, not lost: no drop row
+        if rank_by not in candidate.scores:
+            builder.drop(source, SCORE_MISSING, f"{'+'.join(systems)}: no {rank_by} score")
+            continue
+        ranked.append(_Candidate(candidate.index, candidate.text, systems, candidate.scores))
+    if not ranked:
+        builder.drop(source, NO_CANDIDATE, f"no candidate has a {rank_by} score"
+                     if candidates else "no candidate")
+        return
+    if len(ranked) == 1:
+        only = ranked[0]
+        if len(only.systems) > 1:
+            builder.drop(source, IDENTICAL_TEXTS,
+                         f"{' and '.join(only.systems)} gave the same text")
+        else:
+            builder.drop(source, SINGLE_CANDIDATE, f"only {only.systems[0]} has a candidate")
+        return
+
+    def is_reference(candidate: _Candidate) -> bool:
+        return reference_name in candidate.systems
+
+    best_first = sorted(ranked, key=lambda c: (-c.scores[rank_by], c.index))
+    choosable = [c for c in best_first
+                 if config.reference_may_be_chosen or not is_reference(c)]
+    if not choosable:
+        builder.drop(source, SINGLE_CANDIDATE, "only the reference, which may not be chosen")
+        return
+    chosen = choosable[0]
+    best = chosen.scores[rank_by]
+    rejectable = [c for c in sorted(ranked, key=lambda c: (c.scores[rank_by], c.index))
+                  if c is not chosen
+                  and (config.reference_may_be_rejected or not is_reference(c))]
+    if not rejectable:
+        builder.drop(source, SINGLE_CANDIDATE,
+                     f"only {'+'.join(chosen.systems)} and the reference, which may not be "
+                     "rejected")
+        return
+    worse = [c for c in rejectable if c.scores[rank_by] < best]
+    if not worse:
+        builder.drop(source, TIED_SCORES, f"{len(rejectable) + 1} candidates tie at "
+                     f"{rank_by} {best:.4g}")
+        return
+    for rejected in worse[: config.pairs_per_source]:
+        margin = best - rejected.scores[rank_by]
+        if margin < config.min_margin:
+            builder.drop(source, MARGIN_BELOW_MIN,
+                         f"{'+'.join(chosen.systems)} vs {'+'.join(rejected.systems)}: "
+                         f"{rank_by} margin {margin:.4g} < {config.min_margin:g}")
+            continue
+        builder.pair(source, chosen.text, rejected.text, chosen.systems, rejected.systems,
+                     chosen.scores, rejected.scores, "score")
+
+
+def system_counts(report: SelectReport) -> list[dict]:
+    """Per system: how often chosen and rejected, as ALMA-R's Table 2 counts them."""
+    systems = Counter(report.chosen) + Counter(report.rejected)
+    return [{"system": s, "chosen": report.chosen.get(s, 0),
+             "rejected": report.rejected.get(s, 0)} for s in sorted(systems)]
