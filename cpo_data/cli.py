@@ -1,4 +1,4 @@
-"""The `cpo-data` command: inspect published versions, run the demo."""
+"""The `cpo-data` command: build triplets, inspect published versions, run the demo."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import pandas as pd
 from cpo_data import store
 from cpo_data.backends.torch_device import DeviceError
 from cpo_data.config import ConfigError
+from cpo_data.generate import GenerateError
 from cpo_data.schema import SchemaError
+from cpo_data.score import ScoreError
 from cpo_data.sources import SourceError
 
-_USER_ERRORS = (ConfigError, DeviceError, SchemaError, SourceError, store.StoreError)
+_USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
+                store.StoreError)
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -74,20 +77,57 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print_inspect(args.uri, args.version, args.name, args.rows)
 
 
+def print_build_summary(summary: dict, rows: int) -> None:
+    """The closing summary of a build: counts, drops, where the version is, how to open it."""
+    print()
+    print(f"==> published {summary['triplets']} triplets from {summary['sources']} sources "
+          f"({summary['candidates']} candidates), version {summary['version']}")
+    print(f"language pairs  {_counts(summary['lang_pairs'])}")
+    print(f"dropped         {_counts(summary['dropped'])}")
+    print(f"shards          {summary['shards']} ({summary['shards_reused']} reused from an "
+          "earlier run)")
+    print(f"generated now   {_counts(summary['generated'])}; from cache "
+          f"{_counts(summary['generated_from_cache'])}")
+    print(f"scored now      {_counts(summary['scored'])}; from cache "
+          f"{_counts(summary['scored_from_cache'])}")
+    if summary["systems"]:
+        print("chosen/rejected " + ", ".join(f"{s['system']} {s['chosen']}/{s['rejected']}"
+                                             for s in summary["systems"]))
+    agreement = summary["agreement"]
+    if agreement and agreement["compared"]:
+        print(f"human labels    the ranking score agrees on {agreement['agree']} of "
+              f"{agreement['compared']} labelled sources "
+              f"({agreement['agree'] / agreement['compared']:.0%})")
+    margin = summary["score_summary"].get("margin", {})
+    if margin.get("count"):
+        print(f"margins         mean {margin['mean']:.4g}, min {margin['min']:.4g}, "
+              f"max {margin['max']:.4g}")
+    print()
+    print_inspect(summary["dataset_uri"], summary["version"], rows=rows)
+    frame = store.read_triplets(summary["dataset_uri"], summary["version"])
+    print("\npandas preview:")
+    columns = ["lang_pair", "chosen_system", "rejected_system", "chosen_score",
+               "rejected_score", "margin", "selected_by"]
+    print(frame[columns].head().to_string())
+
+
+def _run_build(config, rows: int) -> None:
+    from pipelines.build import build_triplets
+
+    print_build_summary(build_triplets(config), rows)
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    from cpo_data.config import load_config
+
+    _run_build(load_config(args.config), args.rows)  # config errors before Prefect starts
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from cpo_data import demo
 
-    config = demo.demo_config(args.store)
     print(f"==> demo: {demo.DEMO_CONFIG}")
-    result = demo.build_from_labels(config)
-    report = result.report
-    print(f"read      {report.rows_read} rows from {', '.join(report.files)}")
-    print(f"sources   {report.sources} ({_counts(report.per_lang_pair)}), "
-          f"{report.duplicates_collapsed} duplicates collapsed, "
-          f"{report.empty_system_outputs} empty system outputs left out")
-    print(f"published {result.triplets} triplets, {result.dropped} dropped, "
-          f"version {result.version}\n")
-    print_inspect(result.dataset_uri, result.version, rows=args.rows)
+    _run_build(demo.demo_config(args.store), args.rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--name", help="dataset name inside the store at URI")
     inspect.add_argument("--rows", type=int, default=3, help="rows to show per language pair")
     inspect.set_defaults(run=_cmd_inspect)
+
+    build = commands.add_parser("build", help="build and publish triplets from a YAML config")
+    build.add_argument("config", help="build config (YAML), e.g. configs/demo.yaml")
+    build.add_argument("--rows", type=int, default=2, help="rows to show per language pair")
+    build.set_defaults(run=_cmd_build)
 
     demo = commands.add_parser("demo", help="run the offline demo on the demo corpus")
     demo.add_argument("--store", help="store URI to publish into (default: .cpo-data/store)")
@@ -133,11 +178,18 @@ def console() -> None:
     pyarrow 21 sometimes aborts a finished process during teardown ("terminate called without
     an active exception", exit 134; apache/arrow#34314): seen here in 1-3% of short processes
     under load. The work is done and flushed by then; `os._exit` keeps the exit code honest.
-    Revisit when a command runs Prefect (its atexit hooks would be skipped).
+    The exit hooks are run first, by hand, so that Prefect stops the temporary server it
+    started for a build instead of leaving it running.
     """
+    import atexit
+    import logging
     import os
 
     code = main()
+    # Flush log handlers first (Prefect's sends the run's logs to its server), then the exit
+    # hooks, one of which stops the temporary server Prefect started for a build.
+    logging.shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

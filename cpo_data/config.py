@@ -509,4 +509,4 @@ def load_config(path: str | Path) -> BuildConfig:
         score, scorers=scorers,
         cache_dir=_resolve_path(score.cache_dir, base) if score.cache_dir else None)
     return dataclasses.replace(config, sources=sources, publish=publish, generate=generate,
-                               score=score)
+                               score=score, work_dir=_resolve_path(config.work_dir, base))

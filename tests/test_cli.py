@@ -1,28 +1,38 @@
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from cpo_data import store
 from cpo_data.cli import main
 from cpo_data.testing import sample_triplets
 
 
-def test_demo_publishes_the_labelled_corpus_and_shows_it(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_builds_through_the_flow_and_shows_the_version(tmp_path, capsys):
+    """The demo ranks the two provided systems by chrF against the reference."""
+    import sacrebleu
+
     assert main(["demo", "--store", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     manifest = store.read_manifest(str(tmp_path / "demo"))
     corpus = Path(__file__).parent.parent / "data" / "demo" / "demo.jsonl"
-    labelled = [json.loads(line) for line in corpus.read_text().splitlines()]
-    assert manifest["rows"] == len(labelled)  # every row carries a label, none identical
-    assert f"published {len(labelled)} triplets" in out
-    assert manifest["version"] in out and "[de-en]" in out and "[en-de]" in out
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert manifest["rows"] == len(rows)  # no two outputs tie on chrF in the demo corpus
+    assert f"published {len(rows)} triplets" in out and "human labels" in out
+    assert manifest["version"] in out and "[de-en]" in out and "pandas preview" in out
     frame = store.read_triplets(str(tmp_path / "demo"))
-    first = labelled[0]
+    first = rows[0]
+    chrf = {s: sacrebleu.sentence_chrf(first[s], [first["ref"]]).score
+            for s in ("system_a", "system_b")}
     row = frame[frame["src"] == first["src"]].iloc[0]
-    better = "system_a" if first["delta"] > 0 else "system_b"
+    better = max(chrf, key=chrf.get)
     assert row["chosen"] == first[better] and row["chosen_system"] == better
-    assert manifest["provenance"]["source_fingerprint"]
+    assert row["chosen_score"] == pytest.approx(chrf[better])
+    assert set(frame["selected_by"]) == {"score"}
 
 
 def test_versions_and_inspect(tmp_path, capsys):
@@ -48,9 +58,22 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path, capsys):
     assert "store path is a file" in capsys.readouterr().err
 
 
-def test_console_script_is_installed(tmp_path):
+@pytest.mark.slow
+def test_console_script_runs_the_demo_and_leaves_no_server_behind(tmp_path):
     exe = shutil.which("cpo-data") or str(Path(__file__).parents[1] / ".venv/bin/cpo-data")
-    result = subprocess.run([exe, "demo", "--store", str(tmp_path), "--rows", "1"],
-                            capture_output=True, text=True, timeout=120)
+    home = tmp_path / "prefect-home"
+    env = dict(os.environ, PREFECT_HOME=str(home))
+    result = subprocess.run([exe, "demo", "--store", str(tmp_path / "store"), "--rows", "1"],
+                            capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert "pd.read_parquet(" in result.stdout
+    assert "Error logging to API" not in result.stderr
+    # Prefect's temporary server was started under this PREFECT_HOME; none may outlive us.
+    leftovers = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT_HOME={home}".encode() in environ.read_bytes():
+                leftovers.append(environ.parent.name)
+        except OSError:
+            continue
+    assert leftovers == []

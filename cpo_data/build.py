@@ -1,0 +1,241 @@
+"""The build's stages as plain functions: check, shard, generate, score, select, publish.
+
+The Prefect flow (`pipelines/build.py`) wires these as tasks; `run_build` wires them in a
+plain loop, for library use and for measuring what Prefect itself costs (`bench/build.py`).
+Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cpo_data import __version__, schema, select, sources, store
+from cpo_data.config import BuildConfig, ConfigError
+from cpo_data.fingerprint import weights_fingerprint
+from cpo_data.generate import Candidates, GenerateReport, generate_candidates
+from cpo_data.score import ScoreReport, Scores, score_candidates
+
+log = logging.getLogger(__name__)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def check_build(config: BuildConfig, table: pa.Table) -> None:
+    """Refuse a build that cannot work, before any model loads; errors name the config key."""
+    for i, model in enumerate(config.generate.models):
+        if model.model.startswith((".", "/", "~")) and not Path(model.model).expanduser().exists():
+            raise ConfigError(f"generate.models[{i}].model: {model.model} does not exist")
+    for i, scorer in enumerate(config.score.scorers):
+        if scorer.model and scorer.model.startswith((".", "/", "~")) and not Path(
+                scorer.model).expanduser().exists():
+            raise ConfigError(f"score.scorers[{i}].model: {scorer.model} does not exist")
+        if scorer.needs_reference and table.num_rows and table.column("ref").null_count == len(
+                table):
+            what = "use_reference is set" if scorer.kind == "comet" else f"{scorer.kind} needs one"
+            raise ConfigError(f"score.scorers[{i}] ({scorer.name}): {what}, and no source has a "
+                              "reference (map sources[].ref_column, or use a reference-free "
+                              "scorer)")
+    present = {s["system"] for row in table.column("systems").to_pylist() for s in row}
+    wanted = config.generate.provided_systems or ()
+    unknown = sorted(set(wanted) - present)
+    if unknown and table.num_rows:
+        raise ConfigError(f"generate.provided_systems: {unknown} are not in the sources (they "
+                          f"have {sorted(present)})")
+    if config.generate.include_reference and config.select.exclude_systems and (
+            config.generate.reference_name in config.select.exclude_systems):
+        log.warning("the reference is a candidate and also excluded from pairs")
+
+
+def load_build_sources(config: BuildConfig) -> sources.Sources:
+    """The sources of a build; a missing file is named by its config key."""
+    for i, source in enumerate(config.sources):
+        if _is_local(source.path) and not Path(source.path).exists():
+            raise ConfigError(f"sources[{i}].path: {source.path} does not exist")
+    return sources.load_sources(config.sources)
+
+
+def with_work_dir(config: BuildConfig) -> BuildConfig:
+    """Caches under `work_dir` unless the config names its own."""
+    work = config.work_dir.rstrip("/")
+    generate, score = config.generate, config.score
+    if generate.cache_dir is None:
+        generate = dataclasses.replace(generate, cache_dir=f"{work}/cache")
+    if score.cache_dir is None:
+        score = dataclasses.replace(score, cache_dir=f"{work}/cache")
+    return dataclasses.replace(config, generate=generate, score=score)
+
+
+def shards(table: pa.Table, size: int) -> list[pa.Table]:
+    """Consecutive slices in source order: appending sources leaves earlier shards unchanged,
+    so their finished work is reused."""
+    return [table.slice(start, size) for start in range(0, table.num_rows, size)] or [table]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def shard_key(stage: str, shard: pa.Table, configs: list[Any], weights: list[str]) -> str:
+    """Content key of one shard's work: its rows, the configs it depends on, the weights'
+    identity and the table schema. Run ids play no part, so a rerun finds finished shards."""
+    return f"{stage}-" + _digest([schema.SCHEMA_VERSION, __version__, shard.to_pylist(),
+                                  [dataclasses.asdict(c) for c in configs], weights])[:40]
+
+
+def model_fingerprints(config: BuildConfig, stage: str) -> list[str]:
+    """What identifies the weights a stage uses (cheap: names, sizes, first and last MiB)."""
+    if stage == "generate":
+        return [weights_fingerprint(m.model, m.revision) + (
+            f"+{weights_fingerprint(m.adapter, None)}" if m.adapter else "")
+            for m in config.generate.models]
+    return [weights_fingerprint(str(Path(s.model).expanduser().parent.parent)
+                                if s.model.endswith(".ckpt") else s.model, None)
+            for s in config.score.scorers if s.kind == "comet" and s.model]
+
+
+def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:
+    """Candidates for one shard: provided outputs and every configured model's."""
+    from cpo_data.backends.hf_generate import load_generator
+
+    generators = [load_generator(m) for m in config.generate.models]
+    return generate_candidates(shard, config.generate, generators)
+
+
+def score_shard(candidates: pa.Table, shard: pa.Table, config: BuildConfig) -> Scores:
+    """Scores of one shard's candidates under every configured scorer."""
+    from cpo_data.backends.comet_score import load_scorer
+
+    scorers = [load_scorer(s) for s in config.score.scorers]
+    return score_candidates(candidates, shard, config.score, scorers)
+
+
+@dataclass
+class BuildSummary:
+    """What a build did: the summary the CLI prints and the flow returns."""
+
+    dataset_uri: str
+    version: str
+    triplets: int
+    sources: int
+    shards: int
+    shards_reused: int = 0
+    """Shards whose finished work an earlier run left (Prefect's task cache)."""
+    generated: dict[str, int] = field(default_factory=dict)
+    """Sources each model translated in this run (cache hits excluded)."""
+    generated_from_cache: dict[str, int] = field(default_factory=dict)
+    scored: dict[str, int] = field(default_factory=dict)
+    """Distinct pairs each scorer ran on in this run (cache hits excluded)."""
+    scored_from_cache: dict[str, int] = field(default_factory=dict)
+    candidates: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Dropped rows per reason, all stages."""
+    lang_pairs: dict[str, int] = field(default_factory=dict)
+    systems: list[dict] = field(default_factory=list)
+    """Per system: chosen and rejected counts (ALMA-R's Table 2)."""
+    agreement: dict[str, int] = field(default_factory=dict)
+    """Where sources carry human labels: how often the ranking score agrees."""
+    score_summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per score column: count, mean, min, max over scored candidates; and the margins."""
+
+
+def _add(total: dict[str, int], counts: dict[str, int]) -> None:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + value
+
+
+def add_generate_report(summary: BuildSummary, report: GenerateReport) -> None:
+    _add(summary.generated, report.generated)
+    _add(summary.generated_from_cache, report.from_cache)
+
+
+def add_score_report(summary: BuildSummary, report: ScoreReport) -> None:
+    _add(summary.scored, report.scored)
+    _add(summary.scored_from_cache, report.from_cache)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"count": 0}
+    return {"count": len(values), "mean": sum(values) / len(values), "min": min(values),
+            "max": max(values)}
+
+
+def select_and_publish(config: BuildConfig, loaded: sources.Sources, candidates: list[pa.Table],
+                       scores: list[pa.Table], dropped: list[pa.Table],
+                       summary: BuildSummary) -> BuildSummary:
+    """Pick pairs over every shard's candidates and scores, publish one version, fill the
+    summary. Nothing is written unless every shard finished."""
+    candidates_table = pa.concat_tables(candidates) if candidates else None
+    scores_table = pa.concat_tables(scores) if scores else None
+    selection = select.select_triplets(
+        loaded.table, candidates_table, scores_table, config.select, config.rank_by,
+        reference_name=config.generate.reference_name)
+    all_dropped = pa.concat_tables([*dropped, selection.dropped])
+    provenance = {
+        "cpo_data_version": __version__,
+        "config": dataclasses.asdict(config),
+        "source_files": loaded.report.files,
+        "source_fingerprint": sources.fingerprint(loaded.table),
+        "rank_by": config.rank_by,
+        "generators": model_fingerprints(config, "generate"),
+        "scorers": model_fingerprints(config, "score"),
+    }
+    summary.version = store.publish_triplets(selection.triplets, config.publish.uri,
+                                             config.publish.name, provenance,
+                                             dropped=all_dropped)
+    summary.triplets = selection.triplets.num_rows
+    summary.candidates = candidates_table.num_rows if candidates_table is not None else 0
+    summary.dropped = {}
+    for reason in all_dropped.column("reason").to_pylist():
+        summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+    summary.lang_pairs = {}
+    for pair in selection.triplets.column("lang_pair").to_pylist():
+        summary.lang_pairs[pair] = summary.lang_pairs.get(pair, 0) + 1
+    summary.systems = select.system_counts(selection.report)
+    agreement = selection.report.agreement
+    if agreement.labelled:
+        summary.agreement = dataclasses.asdict(agreement)
+    if scores_table is not None and scores_table.num_rows:
+        by_scorer: dict[str, list[float]] = {}
+        for name, value in zip(scores_table.column("scorer").to_pylist(),
+                               scores_table.column("score").to_pylist(), strict=True):
+            by_scorer.setdefault(name, []).append(value)
+        summary.score_summary = {name: _stats(v) for name, v in sorted(by_scorer.items())}
+        summary.score_summary["margin"] = _stats(selection.triplets.column("margin").to_pylist())
+    return summary
+
+
+def run_build(config: BuildConfig, progress: Callable[[str], None] = log.info) -> BuildSummary:
+    """The whole build without Prefect: the same stages, one shard after another."""
+    config = with_work_dir(config)
+    loaded = load_build_sources(config)
+    check_build(config, loaded.table)
+    parts = shards(loaded.table, config.shard_size)
+    summary = BuildSummary(dataset_uri=store.dataset_uri(config.publish.uri, config.publish.name),
+                           version="", triplets=0, sources=loaded.table.num_rows,
+                           shards=len(parts))
+    candidates, scores, dropped = [], [], []
+    for number, shard in enumerate(parts, 1):
+        generated = generate_shard(shard, config)
+        add_generate_report(summary, generated.report)
+        scored = score_shard(generated.table, shard, config)
+        add_score_report(summary, scored.report)
+        candidates.append(generated.table)
+        scores.append(scored.table)
+        dropped += [generated.dropped, scored.dropped]
+        progress(f"shard {number}/{len(parts)}: {shard.num_rows} sources, "
+                 f"{generated.table.num_rows} candidates, {scored.table.num_rows} scores")
+    return select_and_publish(config, loaded, candidates, scores, dropped, summary)

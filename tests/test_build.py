@@ -1,0 +1,96 @@
+"""The build's plain stages: checks before any model loads, shards, and a build without Prefect."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from cpo_data import build, store
+from cpo_data.config import ConfigError, load_config
+from tests.test_build_flow import DEMO_ROWS, write_config
+
+MODELS = {"causal": "./models/causal", "kiwi": "./models/kiwi/checkpoints/model.ckpt"}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model is loaded."""
+    from cpo_data.backends import comet_score, hf_generate
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the config was refused")
+
+    monkeypatch.setattr(hf_generate, "load_generator", refuse)
+    monkeypatch.setattr(comet_score, "load_scorer", refuse)
+
+
+def test_missing_model_paths_are_refused_naming_the_key(tmp_path, no_model_loads):
+    config = load_config(write_config(tmp_path, MODELS, DEMO_ROWS[:4]))
+    with pytest.raises(ConfigError, match=r"generate\.models\[0\]\.model: .*does not exist"):
+        build.run_build(config)
+    (tmp_path / "models/causal").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"score\.scorers\[0\]\.model: .*does not exist"):
+        build.run_build(config)
+
+
+def test_missing_source_file_is_refused_naming_the_key(tmp_path, no_model_loads):
+    config = load_config(write_config(tmp_path, MODELS, DEMO_ROWS[:4]))
+    (tmp_path / "sources.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.path: .*sources.jsonl does not exist"):
+        build.run_build(config)
+
+
+def test_reference_scorer_on_data_without_references_is_refused(tmp_path, no_model_loads):
+    rows = [{k: v for k, v in r.items() if k != "ref"} for r in DEMO_ROWS[:4]]
+    path = write_config(tmp_path, MODELS, rows, generate={})
+    data = yaml.safe_load(path.read_text())
+    data["sources"][0]["ref_column"] = None
+    path.write_text(yaml.safe_dump(data))
+    (tmp_path / "models/kiwi/checkpoints").mkdir(parents=True)
+    (tmp_path / "models/kiwi/checkpoints/model.ckpt").write_text("x")
+    with pytest.raises(ConfigError, match=r"score\.scorers\[1\] \(chrf\): chrf needs one, "
+                                          r"and no source has a reference"):
+        build.run_build(load_config(path))
+
+
+def test_unknown_provided_system_is_refused(tmp_path, no_model_loads):
+    path = write_config(tmp_path, MODELS, DEMO_ROWS[:4],
+                        generate={"provided_systems": ["gpt4"]},
+                        score={"scorers": [{"name": "chrf", "kind": "chrf"}]},
+                        select={"use_human_labels": False})
+    with pytest.raises(ConfigError, match=r"generate\.provided_systems: \['gpt4'\]"):
+        build.run_build(load_config(path))
+
+
+def test_several_scores_need_rank_by(tmp_path):
+    scorers = [{"name": "chrf", "kind": "chrf"}, {"name": "bleu", "kind": "bleu"}]
+    path = write_config(tmp_path, MODELS, DEMO_ROWS[:4], select={}, score={"scorers": scorers})
+    with pytest.raises(ConfigError, match=r"select\.rank_by: several scores exist"):
+        load_config(path)
+
+
+def test_shards_are_consecutive_and_appending_keeps_earlier_ones():
+    table = pa.table({"source_id": [f"s{i}" for i in range(10)]})
+    parts = build.shards(table, 4)
+    assert [p.num_rows for p in parts] == [4, 4, 2]
+    grown = build.shards(pa.table({"source_id": [f"s{i}" for i in range(11)]}), 4)
+    assert grown[0].equals(parts[0]) and grown[1].equals(parts[1])
+    key = build.shard_key("generate", parts[0], [], [])
+    assert key == build.shard_key("generate", grown[0], [], [])
+    assert key != build.shard_key("generate", parts[1], [], [])
+
+
+def test_plain_build_publishes_score_selected_triplets(tmp_path):
+    """Provided systems only, chrF against the reference (the demo's recipe), no Prefect."""
+    path = write_config(tmp_path, MODELS, DEMO_ROWS[:30], generate={},
+                        score={"scorers": [{"name": "chrf", "kind": "chrf"}]},
+                        select={"use_human_labels": False})
+    lines = []
+    summary = build.run_build(load_config(path), progress=lines.append)
+    frame = store.read_triplets(str(tmp_path / "store"), name="flowtest")
+    assert len(frame) == summary.triplets and summary.shards == len(lines) == 4
+    assert set(frame["chosen_system"]) | set(frame["rejected_system"]) <= {"system_a",
+                                                                            "system_b"}
+    assert summary.scored == {"chrf": 60}
+    assert summary.agreement["compared"] == 30

@@ -1,0 +1,168 @@
+"""The build flow end to end on tiny local models, under Prefect's test harness.
+
+The harness (a temporary Prefect database) is started once for this module only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cpo_data import build, store
+from cpo_data.config import load_config
+from cpo_data.demo import REPO_ROOT
+from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet
+
+pytestmark = pytest.mark.slow
+
+DEMO_ROWS = [json.loads(line) for line in
+             (REPO_ROOT / "data/demo/demo.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"causal": str(build_tiny_causal_lm(root / "causal")),
+            "kiwi": str(build_tiny_comet(root / "kiwi", "kiwi"))}
+
+
+@pytest.fixture
+def events(monkeypatch):
+    """Events the flow emits, recorded instead of sent."""
+    from prefect.events.clients import AssertingEventsClient
+    from prefect.events.worker import EventsWorker
+
+    worker = EventsWorker.instance(AssertingEventsClient)
+    monkeypatch.setattr(EventsWorker, "instance", lambda *_: worker)
+    yield lambda: (worker.drain(), worker._client.events)[1]
+    worker.drain()
+
+
+def write_config(folder, models, rows, **overrides):
+    (folder / "sources.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    config = {
+        "sources": [{"path": "sources.jsonl", "src_lang_column": "src_lang",
+                     "tgt_lang_column": "tgt_lang", "systems": {"system_a": "system_a",
+                                                                "system_b": "system_b"},
+                     "label_column": "delta", "label_positive": "system_a",
+                     "label_negative": "system_b"}],
+        "generate": {"include_reference": True,
+                     "models": [{"name": "tiny", "model": models["causal"],
+                                 "max_new_tokens": 6, "strategy": "greedy"}]},
+        "score": {"scorers": [{"name": "kiwi", "model": models["kiwi"]},
+                              {"name": "chrf", "kind": "chrf"}],
+                  "ensembles": [{"name": "kiwi_chrf", "members": ["kiwi", "chrf"]}]},
+        "select": {"use_human_labels": False, "rank_by": "kiwi"},
+        "publish": {"uri": "store", "name": "flowtest"},
+        "work_dir": "work",
+        "shard_size": 8,
+    }
+    config.update(overrides)
+    path = folder / "build.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_flow_publishes_a_version_with_artifacts_and_event(tmp_path, models, events):
+    from pipelines.build import PUBLISHED_EVENT, build_triplets
+
+    rows = DEMO_ROWS[:20]
+    summary = build_triplets(str(write_config(tmp_path, models, rows)), retries=0)
+    assert summary["shards"] == 3 and summary["shards_reused"] == 0
+    assert summary["generated"] == {"tiny": 20}
+    frame = store.read_triplets(str(tmp_path / "store"), name="flowtest", verify=True)
+    assert len(frame) == summary["triplets"] > 0
+    assert (frame["chosen_score"] > frame["rejected_score"]).all()
+    assert set(frame["selected_by"]) == {"score"}
+    dropped = store.read_dropped(str(tmp_path / "store"), name="flowtest")
+    sources = load_config(tmp_path / "build.yaml")
+    covered = set(frame["source_id"]) | set(dropped["source_id"])
+    from cpo_data.sources import load_sources
+    assert covered == set(load_sources(sources.sources).table.column("source_id").to_pylist())
+    assert summary["agreement"]["labelled"] == 20 and summary["agreement"]["compared"] == 20
+    chosen_total = sum(s["chosen"] for s in summary["systems"])
+    assert chosen_total >= summary["triplets"]
+
+    (event,) = [e for e in events() if e.event == PUBLISHED_EVENT]
+    assert event.payload["version"] == summary["version"]
+    assert event.payload["name"] == "flowtest"
+    assert event.payload["dataset_uri"] == store.dataset_uri(str(tmp_path / "store"),
+                                                             "flowtest")
+    assert event.resource.id == "cpo-data.dataset.flowtest"
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["flowtest-lang-pairs", "flowtest-drops", "flowtest-systems",
+                  "flowtest-summary"])))
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {"flowtest-lang-pairs", "flowtest-drops", "flowtest-systems",
+                           "flowtest-summary"}
+    pairs = json.loads(by_key["flowtest-lang-pairs"].data)
+    assert {p["lang_pair"]: p["triplets"] for p in pairs} == frame["lang_pair"].value_counts(
+    ).to_dict()
+    assert "agrees on" in by_key["flowtest-summary"].data
+
+
+def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_path, models):
+    from pipelines.build import build_triplets
+
+    config = write_config(tmp_path, models, DEMO_ROWS[:40])
+    first = build_triplets(str(config), retries=0)
+    assert first["generated"] == {"tiny": 40} and first["scored"]["kiwi"] > 0
+
+    again = build_triplets(str(config), retries=0)
+    assert again["generated"] == {} and again["scored"] == {}
+    assert again["shards_reused"] == again["shards"] == 5
+    assert again["triplets"] == first["triplets"]
+
+    # 10% more sources, appended: only they are generated and scored.
+    grown = write_config(tmp_path, models, DEMO_ROWS[:44])
+    more = build_triplets(str(grown), retries=0)
+    assert more["generated"] == {"tiny": 4}
+    new_sources = build.load_build_sources(load_config(grown)).table.slice(40, 4)
+    new_candidates = build.generate_shard(new_sources, build.with_work_dir(load_config(grown)))
+    assert more["scored"] == {"kiwi": new_candidates.table.num_rows,
+                              "chrf": new_candidates.table.num_rows}
+    assert more["shards_reused"] == 5  # the 40 old sources' shards were untouched
+    versions = store.list_versions(str(tmp_path / "store"), name="flowtest")
+    assert len(versions) == 3 and versions[-1]["rows"] == more["triplets"]
+
+
+def test_a_failing_shard_publishes_nothing_and_the_rerun_resumes(tmp_path, models,
+                                                                monkeypatch):
+    from pipelines.build import build_triplets
+
+    config = write_config(tmp_path, models, DEMO_ROWS[:24])
+    real_score_shard = build.score_shard
+    poisoned = DEMO_ROWS[20]["src"]
+
+    def failing(candidates, shard, config):
+        if poisoned in shard.column("src").to_pylist():
+            raise RuntimeError("GPU fell off the bus")
+        return real_score_shard(candidates, shard, config)
+
+    monkeypatch.setattr(build, "score_shard", failing)
+    with pytest.raises(RuntimeError, match="fell off"):
+        build_triplets(str(config), retries=0)
+    assert not list(tmp_path.rglob("_manifest.json"))  # no version, not even a partial one
+
+    monkeypatch.setattr(build, "score_shard", real_score_shard)
+    summary = build_triplets(str(config), retries=0)
+    assert summary["shards_reused"] == 2  # shards 1 and 2 finished in the failed run
+    assert summary["generated"] == {}  # shard 3's generation had finished too
+    assert summary["scored"]["kiwi"] > 0  # only shard 3 is scored now
+    assert len(store.list_versions(str(tmp_path / "store"), name="flowtest")) == 1
