@@ -41,3 +41,13 @@ def rows() -> list[dict]:
          "ref": "It has been raining since yesterday.", "sys_a": "It rains since yesterday.",
          "sys_b": "It has been raining since yesterday.", "delta": 0},
     ]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary Prefect database and server for the flow tests of one module only; it
+    stops when the module's tests are done, so none outlives the test run."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

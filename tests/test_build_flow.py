@@ -1,6 +1,6 @@
 """The build flow end to end on tiny local models, under Prefect's test harness.
 
-The harness (a temporary Prefect database) is started once for this module only.
+Prefect's test harness (a temporary database and server) is started once for this module.
 """
 
 from __future__ import annotations
@@ -15,18 +15,10 @@ from cpo_data.config import load_config
 from cpo_data.demo import REPO_ROOT
 from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 DEMO_ROWS = [json.loads(line) for line in
              (REPO_ROOT / "data/demo/demo.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @pytest.fixture(scope="module")

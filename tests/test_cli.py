@@ -12,7 +12,7 @@ from cpo_data.testing import sample_triplets
 
 
 @pytest.mark.slow
-def test_demo_builds_through_the_flow_and_shows_the_version(tmp_path, capsys):
+def test_demo_builds_through_the_flow_and_shows_the_version(tmp_path, capsys, prefect_server):
     """The demo ranks the two provided systems by chrF against the reference."""
     import sacrebleu
 
