@@ -122,3 +122,19 @@ def test_bad_generator_settings_name_the_key(tmp_path, model, message):
     text = GOOD + f"generate:\n  models:\n    - name: m\n      model: x\n      {model}\n"
     with pytest.raises(ConfigError, match=rf"generate\.models\[0\]\.{message}"):
         load_config(_write(tmp_path, text))
+
+
+def test_shipped_configs_state_their_recipes():
+    from cpo_data.demo import REPO_ROOT
+
+    alma = load_config(REPO_ROOT / "configs" / "alma-r.yaml")
+    assert alma.rank_by == "kiwi_xcomet" and alma.generate.include_reference
+    assert alma.generate.provided_systems == ("gpt4",)
+    assert [m.adapter for m in alma.generate.models] == ["haoranxu/ALMA-13B-LoRA"]
+    assert [s.model for s in alma.score.scorers] == ["Unbabel/wmt23-cometkiwi-da-xxl",
+                                                     "Unbabel/XCOMET-XXL"]
+    assert not any(s.use_reference for s in alma.score.scorers)
+    assert alma.select.pairs_per_source == 1 and alma.select.use_human_labels
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert demo.rank_by == "chrf" and not demo.generate.include_reference
+    assert demo.generate.models == ()
