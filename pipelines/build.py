@@ -26,7 +26,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext, get_run_context
 from prefect.events import emit_event
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cpo_data import build, store
@@ -157,27 +156,29 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
         triplets=0, sources=loaded.table.num_rows, shards=len(parts))
     generate_weights = build.model_fingerprints(config, "generate")
     score_weights = build.model_fingerprints(config, "score")
-    options = {} if retries is None else {"retries": retries}
+    # Finished shards are stored under work_dir, next to the caches they came from (a Path is
+    # the one result storage Prefect takes without a saved block).
+    options: dict[str, Any] = {
+        "result_storage": Path(config.work_dir).expanduser() / "task-results"}
+    if retries is not None:
+        options["retries"] = retries
     generate_task = generate_shard.with_options(**options)
     score_task = score_shard.with_options(**options)
 
-    results_dir = Path(config.work_dir).expanduser() / "task-results"
-    # Finished shards are stored under work_dir, next to the caches they came from.
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results_dir}):
-        scored_futures, generated_futures = [], []
-        for number, shard in enumerate(parts, 1):
-            label = f"shard {number}/{len(parts)}"
-            generated = generate_task.submit(
-                shard, config, build.shard_key("generate", shard, [config.generate],
-                                               generate_weights), label)
-            # The score key covers what generation depends on too: the candidates are its input.
-            score_key = build.shard_key("score", shard, [config.generate, config.score],
-                                        generate_weights + score_weights)
-            generated_futures.append(generated)
-            scored_futures.append(score_task.submit(generated, shard, config, score_key, label))
-        # Any shard failing raises here, before anything is published.
-        generated_results = [f.result() for f in generated_futures]
-        scored_results = [f.result() for f in scored_futures]
+    scored_futures, generated_futures = [], []
+    for number, shard in enumerate(parts, 1):
+        label = f"shard {number}/{len(parts)}"
+        generated = generate_task.submit(
+            shard, config, build.shard_key("generate", shard, [config.generate],
+                                           generate_weights), label)
+        # The score key covers what generation depends on too: the candidates are its input.
+        score_key = build.shard_key("score", shard, [config.generate, config.score],
+                                    generate_weights + score_weights)
+        generated_futures.append(generated)
+        scored_futures.append(score_task.submit(generated, shard, config, score_key, label))
+    # Any shard failing raises here, before anything is published.
+    generated_results = [f.result() for f in generated_futures]
+    scored_results = [f.result() for f in scored_futures]
 
     run_id = str(get_run_context().flow_run.id)
     candidates, scores, dropped = [], [], []

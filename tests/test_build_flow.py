@@ -72,6 +72,8 @@ def test_flow_publishes_a_version_with_artifacts_and_event(tmp_path, models, eve
     rows = DEMO_ROWS[:20]
     summary = build_triplets(str(write_config(tmp_path, models, rows)), retries=0)
     assert summary["shards"] == 3 and summary["shards_reused"] == 0
+    # Finished shards are kept under the config's work_dir, one result per task.
+    assert len(list((tmp_path / "work" / "task-results").iterdir())) >= 6
     assert summary["generated"] == {"tiny": 20}
     frame = store.read_triplets(str(tmp_path / "store"), name="flowtest", verify=True)
     assert len(frame) == summary["triplets"] > 0
