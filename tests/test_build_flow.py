@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cpo_data import build, store
-from cpo_data.config import load_config
+from cpo_data.config import ConfigError, load_config
 from cpo_data.demo import REPO_ROOT
 from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet
 
@@ -160,3 +160,19 @@ def test_a_failing_shard_publishes_nothing_and_the_rerun_resumes(tmp_path, model
     assert summary["generated"] == {}  # shard 3's generation had finished too
     assert summary["scored"]["kiwi"] > 0  # only shard 3 is scored now
     assert len(store.list_versions(str(tmp_path / "store"), name="flowtest")) == 1
+
+
+@pytest.mark.parametrize(("error", "retried"), [
+    (OSError("connection reset by peer"), True),
+    (RuntimeError("CUDA error: an illegal memory access"), True),
+    (ValueError("bad row"), False),
+    (ConfigError("select.rank_by: not a scorer"), False),
+])
+def test_only_transient_failures_are_retried(error, retried):
+    from pipelines.build import _retry_transient
+
+    class FailedState:
+        def result(self):
+            raise error
+
+    assert _retry_transient(None, None, FailedState()) is retried
