@@ -1,0 +1,140 @@
+"""Preference losses as pure functions of per-sequence log-probabilities.
+
+Every function takes, per pair in the batch, the summed log-probability of the chosen and the
+rejected completion and their token counts, and returns the loss with the metrics trainers in
+this ecosystem log under the same names (`rewards/chosen`, `logps/rejected`, ...).
+
+- CPO (Xu et al. 2024): `L = L_prefer + cpo_alpha * L_NLL`, with no reference model. The
+  preference term is `sigmoid` (optionally label-smoothed), `hinge`, `ipo` or `simpo`; sigmoid
+  and hinge use summed log-probabilities, ipo and simpo per-token means. `L_NLL` is the
+  token-mean cross-entropy over the batch's chosen completion tokens.
+- ORPO (Hong et al. 2024): `L = L_NLL - lambda * log sigmoid(log odds(y_w) - log odds(y_l))` on
+  per-token-mean log-probabilities; the caller passes the NLL (it may cover the prompt).
+- DPO, for comparison runs, against a reference model's log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    """Scalar, differentiable."""
+    metrics: dict[str, float]
+    """Batch means, detached."""
+
+
+def completion_logps(logits: torch.Tensor, labels: torch.Tensor,
+                     ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's labelled tokens, and how many there are.
+
+    `logits[b, t]` predicts token `t + 1`, so labels are shifted by one; positions labelled
+    `ignore_index` (prompt and padding) carry no loss.
+    """
+    logits = logits[:, :-1, :]
+    labels = labels[:, 1:]
+    mask = labels != ignore_index
+    safe_labels = labels.masked_fill(~mask, 0)
+    # log_softmax in float32: bf16 log-probabilities of long sequences lose whole nats.
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2,
+                               safe_labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def _metrics(loss: torch.Tensor, nll: torch.Tensor, chosen_rewards: torch.Tensor,
+             rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+             rejected_logps: torch.Tensor) -> dict[str, float]:
+    return {
+        "loss": loss.item(),
+        "nll_loss": nll.item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": chosen_logps.mean().item(),
+        "logps/rejected": rejected_logps.mean().item(),
+    }
+
+
+def chosen_nll(chosen_sum: torch.Tensor, chosen_count: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy over all chosen completion tokens of the batch."""
+    return -chosen_sum.sum() / chosen_count.sum().clamp(min=1)
+
+
+def cpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor, chosen_count: torch.Tensor,
+             rejected_count: torch.Tensor, *, beta: float = 0.1, cpo_alpha: float = 1.0,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             simpo_gamma: float = 0.5) -> LossOutput:
+    """CPO: a preference term plus `cpo_alpha` times the NLL of the chosen completions."""
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {CPO_LOSS_TYPES}")
+    if loss_type in ("ipo", "simpo"):
+        chosen = chosen_sum / chosen_count.clamp(min=1)
+        rejected = rejected_sum / rejected_count.clamp(min=1)
+    else:
+        chosen, rejected = chosen_sum, rejected_sum
+    delta = chosen - rejected
+    if loss_type == "sigmoid":
+        prefer = (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+                  - label_smoothing * F.logsigmoid(-beta * delta))
+    elif loss_type == "hinge":
+        prefer = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        prefer = (delta - 1 / (2 * beta)) ** 2
+    else:  # simpo: a target margin gamma/beta inside the sigmoid
+        prefer = -F.logsigmoid(beta * (delta - simpo_gamma / beta))
+    nll = chosen_nll(chosen_sum, chosen_count)
+    loss = prefer.mean() + cpo_alpha * nll
+    metrics = _metrics(loss, nll, (beta * chosen).detach(), (beta * rejected).detach(),
+                       chosen.detach(), rejected.detach())
+    return LossOutput(loss, metrics)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without the cancellation near 0 that gives ORPO its NaNs."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)),
+                       torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor, chosen_count: torch.Tensor,
+              rejected_count: torch.Tensor, nll: torch.Tensor, *,
+              lam: float = 0.1) -> LossOutput:
+    """ORPO: `nll - lam * log sigmoid(log odds ratio)` on per-token-mean log-probabilities.
+
+    `nll` comes from the caller, over the completion or over prompt and completion."""
+    chosen = chosen_sum / chosen_count.clamp(min=1)
+    rejected = rejected_sum / rejected_count.clamp(min=1)
+    # A mean log-probability of exactly 0 would make log(1 - p) infinite: keep it just below.
+    chosen_c = chosen.clamp(max=-1e-6)
+    rejected_c = rejected.clamp(max=-1e-6)
+    log_odds = (chosen_c - rejected_c) - (log1mexp(chosen_c) - log1mexp(rejected_c))
+    ratio = F.logsigmoid(log_odds)
+    loss = nll - lam * ratio.mean()
+    metrics = _metrics(loss, nll, (lam * chosen).detach(), (lam * rejected).detach(),
+                       chosen.detach(), rejected.detach())
+    metrics["log_odds_ratio"] = ratio.mean().item()
+    metrics["log_odds_chosen"] = log_odds.mean().item()
+    return LossOutput(loss, metrics)
+
+
+def dpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor,
+             reference_chosen_sum: torch.Tensor, reference_rejected_sum: torch.Tensor,
+             chosen_count: torch.Tensor, *, beta: float = 0.1) -> LossOutput:
+    """DPO: `-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))` on summed log-probs.
+
+    The NLL of the chosen side is reported, not added."""
+    chosen_rewards = beta * (chosen_sum - reference_chosen_sum)
+    rejected_rewards = beta * (rejected_sum - reference_rejected_sum)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    nll = chosen_nll(chosen_sum, chosen_count)
+    return LossOutput(loss, _metrics(loss, nll, chosen_rewards.detach(),
+                                     rejected_rewards.detach(), chosen_sum.detach(),
+                                     rejected_sum.detach()))
