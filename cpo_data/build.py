@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,24 +23,24 @@ import pyarrow as pa
 from cpo_data import __version__, schema, select, sources, store
 from cpo_data.config import BuildConfig, ConfigError
 from cpo_data.fingerprint import weights_fingerprint
-from cpo_data.generate import Candidates, GenerateReport, generate_candidates
-from cpo_data.score import ScoreReport, Scores, score_candidates
+from cpo_data.generate import Candidates, GenerateError, generate_candidates, provided_systems
+from cpo_data.score import Scores, score_candidates
 
 log = logging.getLogger(__name__)
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
+def _missing_local(path: str) -> bool:
+    """A path written as local (./, /, ~) that is not there; hub ids and URIs are not paths."""
+    return path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
 
 
 def check_build(config: BuildConfig, table: pa.Table) -> None:
     """Refuse a build that cannot work, before any model loads; errors name the config key."""
     for i, model in enumerate(config.generate.models):
-        if model.model.startswith((".", "/", "~")) and not Path(model.model).expanduser().exists():
+        if _missing_local(model.model):
             raise ConfigError(f"generate.models[{i}].model: {model.model} does not exist")
     for i, scorer in enumerate(config.score.scorers):
-        if scorer.model and scorer.model.startswith((".", "/", "~")) and not Path(
-                scorer.model).expanduser().exists():
+        if scorer.model and _missing_local(scorer.model):
             raise ConfigError(f"score.scorers[{i}].model: {scorer.model} does not exist")
         if scorer.needs_reference and table.num_rows and table.column("ref").null_count == len(
                 table):
@@ -47,21 +48,16 @@ def check_build(config: BuildConfig, table: pa.Table) -> None:
             raise ConfigError(f"score.scorers[{i}] ({scorer.name}): {what}, and no source has a "
                               "reference (map sources[].ref_column, or use a reference-free "
                               "scorer)")
-    present = {s["system"] for row in table.column("systems").to_pylist() for s in row}
-    wanted = config.generate.provided_systems or ()
-    unknown = sorted(set(wanted) - present)
-    if unknown and table.num_rows:
-        raise ConfigError(f"generate.provided_systems: {unknown} are not in the sources (they "
-                          f"have {sorted(present)})")
-    if config.generate.include_reference and config.select.exclude_systems and (
-            config.generate.reference_name in config.select.exclude_systems):
-        log.warning("the reference is a candidate and also excluded from pairs")
+    try:
+        provided_systems(table, config.generate)
+    except GenerateError as error:
+        raise ConfigError(f"generate.{error}") from None
 
 
 def load_build_sources(config: BuildConfig) -> sources.Sources:
     """The sources of a build; a missing file is named by its config key."""
     for i, source in enumerate(config.sources):
-        if _is_local(source.path) and not Path(source.path).exists():
+        if "://" not in source.path and not Path(source.path).expanduser().exists():
             raise ConfigError(f"sources[{i}].path: {source.path} does not exist")
     return sources.load_sources(config.sources)
 
@@ -150,19 +146,64 @@ class BuildSummary:
     """Per score column: count, mean, min, max over scored candidates; and the margins."""
 
 
+@dataclass
+class BuildRun:
+    """One build in progress: its config, sources and shards, and what the shards gave."""
+
+    config: BuildConfig
+    loaded: sources.Sources
+    shards: list[pa.Table]
+    weights: dict[str, list[str]]
+    """Weight fingerprints per stage (generate, score): in shard keys and in the provenance."""
+    summary: BuildSummary
+    candidates: list[pa.Table] = field(default_factory=list)
+    scores: list[pa.Table] = field(default_factory=list)
+    dropped: list[pa.Table] = field(default_factory=list)
+
+
+def start_build(config: BuildConfig) -> BuildRun:
+    """Everything before the first model loads: caches under work_dir, sources, checks, shards."""
+    config = with_work_dir(config)
+    loaded = load_build_sources(config)
+    check_build(config, loaded.table)
+    parts = shards(loaded.table, config.shard_size)
+    summary = BuildSummary(dataset_uri=store.dataset_uri(config.publish.uri, config.publish.name),
+                           version="", triplets=0, sources=loaded.table.num_rows,
+                           shards=len(parts))
+    weights = {stage: model_fingerprints(config, stage) for stage in ("generate", "score")}
+    return BuildRun(config, loaded, parts, weights, summary)
+
+
+def shard_keys(run: BuildRun, shard: pa.Table) -> tuple[str, str]:
+    """The generation and scoring keys of one shard. The score key covers what generation
+    depends on too: the candidates are its input."""
+    config = run.config
+    return (shard_key("generate", shard, [config.generate], run.weights["generate"]),
+            shard_key("score", shard, [config.generate, config.score],
+                      run.weights["generate"] + run.weights["score"]))
+
+
 def _add(total: dict[str, int], counts: dict[str, int]) -> None:
+    """Sum per-name counts, keeping zeros: "tiny 0" says the model ran on nothing new."""
     for key, value in counts.items():
         total[key] = total.get(key, 0) + value
 
 
-def add_generate_report(summary: BuildSummary, report: GenerateReport) -> None:
-    _add(summary.generated, report.generated)
-    _add(summary.generated_from_cache, report.from_cache)
-
-
-def add_score_report(summary: BuildSummary, report: ScoreReport) -> None:
-    _add(summary.scored, report.scored)
-    _add(summary.scored_from_cache, report.from_cache)
+def add_shard(run: BuildRun, generated: Candidates, scored: Scores, generated_now: bool = True,
+              scored_now: bool = True) -> None:
+    """Keep one shard's tables; count its work only where it was done in this run."""
+    run.candidates.append(generated.table)
+    run.scores.append(scored.table)
+    run.dropped += [generated.dropped, scored.dropped]
+    summary = run.summary
+    if generated_now:
+        _add(summary.generated, generated.report.generated)
+        _add(summary.generated_from_cache, generated.report.from_cache)
+    if scored_now:
+        _add(summary.scored, scored.report.scored)
+        _add(summary.scored_from_cache, scored.report.from_cache)
+    else:
+        summary.shards_reused += 1
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -173,45 +214,38 @@ def _stats(values: list[float]) -> dict[str, float]:
             "max": max(values)}
 
 
-def select_and_publish(config: BuildConfig, loaded: sources.Sources, candidates: list[pa.Table],
-                       scores: list[pa.Table], dropped: list[pa.Table],
-                       summary: BuildSummary) -> BuildSummary:
+def select_and_publish(run: BuildRun) -> BuildSummary:
     """Pick pairs over every shard's candidates and scores, publish one version, fill the
-    summary. Nothing is written unless every shard finished."""
-    candidates_table = pa.concat_tables(candidates) if candidates else None
-    scores_table = pa.concat_tables(scores) if scores else None
+    summary. Called only once every shard finished, so nothing half-built is published."""
+    config, summary = run.config, run.summary
+    candidates = pa.concat_tables(run.candidates) if run.candidates else None
+    scores = pa.concat_tables(run.scores) if run.scores else None
     selection = select.select_triplets(
-        loaded.table, candidates_table, scores_table, config.select, config.rank_by,
+        run.loaded.table, candidates, scores, config.select, config.rank_by,
         reference_name=config.generate.reference_name)
-    all_dropped = pa.concat_tables([*dropped, selection.dropped])
+    dropped = pa.concat_tables([*run.dropped, selection.dropped])
     provenance = {
         "cpo_data_version": __version__,
         "config": dataclasses.asdict(config),
-        "source_files": loaded.report.files,
-        "source_fingerprint": sources.fingerprint(loaded.table),
+        "source_files": run.loaded.report.files,
+        "source_fingerprint": sources.fingerprint(run.loaded.table),
         "rank_by": config.rank_by,
-        "generators": model_fingerprints(config, "generate"),
-        "scorers": model_fingerprints(config, "score"),
+        "generators": run.weights["generate"],
+        "scorers": run.weights["score"],
     }
     summary.version = store.publish_triplets(selection.triplets, config.publish.uri,
-                                             config.publish.name, provenance,
-                                             dropped=all_dropped)
+                                             config.publish.name, provenance, dropped=dropped)
     summary.triplets = selection.triplets.num_rows
-    summary.candidates = candidates_table.num_rows if candidates_table is not None else 0
-    summary.dropped = {}
-    for reason in all_dropped.column("reason").to_pylist():
-        summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
-    summary.lang_pairs = {}
-    for pair in selection.triplets.column("lang_pair").to_pylist():
-        summary.lang_pairs[pair] = summary.lang_pairs.get(pair, 0) + 1
+    summary.candidates = candidates.num_rows if candidates is not None else 0
+    summary.dropped = dict(Counter(dropped.column("reason").to_pylist()))
+    summary.lang_pairs = dict(Counter(selection.triplets.column("lang_pair").to_pylist()))
     summary.systems = select.system_counts(selection.report)
-    agreement = selection.report.agreement
-    if agreement.labelled:
-        summary.agreement = dataclasses.asdict(agreement)
-    if scores_table is not None and scores_table.num_rows:
+    if selection.report.agreement.labelled:
+        summary.agreement = dataclasses.asdict(selection.report.agreement)
+    if scores is not None and scores.num_rows:
         by_scorer: dict[str, list[float]] = {}
-        for name, value in zip(scores_table.column("scorer").to_pylist(),
-                               scores_table.column("score").to_pylist(), strict=True):
+        for name, value in zip(scores.column("scorer").to_pylist(),
+                               scores.column("score").to_pylist(), strict=True):
             by_scorer.setdefault(name, []).append(value)
         summary.score_summary = {name: _stats(v) for name, v in sorted(by_scorer.items())}
         summary.score_summary["margin"] = _stats(selection.triplets.column("margin").to_pylist())
@@ -220,22 +254,11 @@ def select_and_publish(config: BuildConfig, loaded: sources.Sources, candidates:
 
 def run_build(config: BuildConfig, progress: Callable[[str], None] = log.info) -> BuildSummary:
     """The whole build without Prefect: the same stages, one shard after another."""
-    config = with_work_dir(config)
-    loaded = load_build_sources(config)
-    check_build(config, loaded.table)
-    parts = shards(loaded.table, config.shard_size)
-    summary = BuildSummary(dataset_uri=store.dataset_uri(config.publish.uri, config.publish.name),
-                           version="", triplets=0, sources=loaded.table.num_rows,
-                           shards=len(parts))
-    candidates, scores, dropped = [], [], []
-    for number, shard in enumerate(parts, 1):
-        generated = generate_shard(shard, config)
-        add_generate_report(summary, generated.report)
-        scored = score_shard(generated.table, shard, config)
-        add_score_report(summary, scored.report)
-        candidates.append(generated.table)
-        scores.append(scored.table)
-        dropped += [generated.dropped, scored.dropped]
-        progress(f"shard {number}/{len(parts)}: {shard.num_rows} sources, "
+    run = start_build(config)
+    for number, shard in enumerate(run.shards, 1):
+        generated = generate_shard(shard, run.config)
+        scored = score_shard(generated.table, shard, run.config)
+        add_shard(run, generated, scored)
+        progress(f"shard {number}/{len(run.shards)}: {shard.num_rows} sources, "
                  f"{generated.table.num_rows} candidates, {scored.table.num_rows} scores")
-    return select_and_publish(config, loaded, candidates, scores, dropped, summary)
+    return select_and_publish(run)

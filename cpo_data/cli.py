@@ -41,7 +41,8 @@ def print_versions(uri: str, name: str | None = None) -> None:
 
 
 def print_inspect(uri: str, version: str = "latest", name: str | None = None,
-                  rows: int = 3) -> None:
+                  rows: int = 3) -> pd.DataFrame:
+    """Print the versions, one version's counts and rows; return that version's triplets."""
     print_versions(uri, name)
     manifest = store.read_manifest(uri, version, name=name)
     path = store.version_path(uri, manifest["version"], name=name)
@@ -67,6 +68,7 @@ def print_inspect(uri: str, version: str = "latest", name: str | None = None,
     print("\nopen it in pandas:")
     print(f"  import cpo_data; df = cpo_data.read_triplets({dataset!r})")
     print(f"  pd.read_parquet({path!r})")
+    return frame
 
 
 def _cmd_versions(args: argparse.Namespace) -> None:
@@ -103,8 +105,7 @@ def print_build_summary(summary: dict, rows: int) -> None:
         print(f"margins         mean {margin['mean']:.4g}, min {margin['min']:.4g}, "
               f"max {margin['max']:.4g}")
     print()
-    print_inspect(summary["dataset_uri"], summary["version"], rows=rows)
-    frame = store.read_triplets(summary["dataset_uri"], summary["version"])
+    frame = print_inspect(summary["dataset_uri"], summary["version"], rows=rows)
     print("\npandas preview:")
     columns = ["lang_pair", "chosen_system", "rejected_system", "chosen_score",
                "rejected_score", "margin", "selected_by"]

@@ -390,19 +390,19 @@ class BuildConfig:
                   f"({scorers + ensembles})")
         if self.select.exclude_systems and not self.score.scorers:
             _fail("select.exclude_systems", "only applies when candidates are scored")
-        self.rank_by  # noqa: B018 - several scores and no rank_by: refuse before any work
+        if self.score.scorers and self.rank_by is None:
+            _fail("select.rank_by", "several scores exist: name the one that ranks candidates")
 
     @property
     def rank_by(self) -> str | None:
-        """The score that ranks candidates, or None when nothing is scored."""
+        """The score that ranks candidates: `select.rank_by`, else the only ensemble, else the
+        only scorer; None when nothing is scored (or, refused at load, when it is ambiguous)."""
         if self.select.rank_by is not None:
             return self.select.rank_by
         if len(self.score.ensembles) == 1:
             return self.score.ensembles[0].name
         if len(self.score.scorers) == 1:
             return self.score.scorers[0].name
-        if self.score.scorers:
-            _fail("select.rank_by", "several scores exist: name the one that ranks candidates")
         return None
 
 

@@ -113,20 +113,27 @@ def _run_generator(generator: Generator, requests: list[Request], cache_dir: str
     return results
 
 
+def provided_systems(sources: pa.Table, config: GenerateConfig) -> set[str]:
+    """The provided systems that become candidates; naming one the sources lack is an error."""
+    present = {s["system"] for row in sources.column("systems").to_pylist() for s in row}
+    wanted = set(present if config.provided_systems is None else config.provided_systems)
+    unknown = wanted - present
+    if unknown and sources.num_rows:
+        raise GenerateError(
+            f"provided_systems: {sorted(unknown)} not in the sources (they have {sorted(present)})")
+    return wanted
+
+
 def generate_candidates(
     sources: pa.Table,
     config: GenerateConfig,
     generators: Sequence[Generator] = (),
 ) -> Candidates:
     """The candidates table for `sources`: provided outputs, then each generator's."""
-    rows = schema.validate(sources, schema.SOURCES, what="sources").to_pylist()
+    sources = schema.validate(sources, schema.SOURCES, what="sources")
+    wanted = provided_systems(sources, config)
+    rows = sources.to_pylist()
     report = GenerateReport()
-    present = {s["system"] for row in rows for s in row["systems"]}
-    wanted = set(present if config.provided_systems is None else config.provided_systems)
-    unknown = wanted - present
-    if unknown and rows:
-        raise GenerateError(
-            f"provided_systems: {sorted(unknown)} not in the sources (they have {sorted(present)})")
     for row in rows:
         if not row["src"].strip():
             raise GenerateError(f"source {row['source_id']} ({row['origin']}): empty source text")

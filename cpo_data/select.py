@@ -145,15 +145,14 @@ class _Builder:
                              "reason": reason, "detail": detail})
         self.report.dropped[reason] = self.report.dropped.get(reason, 0) + 1
 
-    def pair(self, source: dict, chosen: str, rejected: str, chosen_systems: list[str],
-             rejected_systems: list[str], chosen_scores: dict[str, float],
-             rejected_scores: dict[str, float], selected_by: str) -> None:
-        chosen_score = chosen_scores.get(self.rank_by) if self.rank_by else None
-        rejected_score = rejected_scores.get(self.rank_by) if self.rank_by else None
+    def pair(self, source: dict, chosen: _Candidate, rejected: _Candidate,
+             selected_by: str) -> None:
+        chosen_score = chosen.scores.get(self.rank_by) if self.rank_by else None
+        rejected_score = rejected.scores.get(self.rank_by) if self.rank_by else None
         margin = (chosen_score - rejected_score
                   if chosen_score is not None and rejected_score is not None else None)
         self.triplets.append({
-            "id": triplet_id(source["source_id"], chosen, rejected),
+            "id": triplet_id(source["source_id"], chosen.text, rejected.text),
             "source_id": source["source_id"],
             "lang_pair": source["lang_pair"],
             "src_lang": source["src_lang"],
@@ -161,23 +160,23 @@ class _Builder:
             "src": source["src"],
             "prompt": render_prompt(self.config.prompt_template, source["src_lang"],
                                     source["tgt_lang"], source["src"]),
-            "chosen": chosen,
-            "rejected": rejected,
-            "chosen_system": "+".join(chosen_systems),
-            "rejected_system": "+".join(rejected_systems),
+            "chosen": chosen.text,
+            "rejected": rejected.text,
+            "chosen_system": "+".join(chosen.systems),
+            "rejected_system": "+".join(rejected.systems),
             "chosen_score": chosen_score,
             "rejected_score": rejected_score,
             "margin": margin,
-            "chosen_scores": _score_list(chosen_scores),
-            "rejected_scores": _score_list(rejected_scores),
+            "chosen_scores": _score_list(chosen.scores),
+            "rejected_scores": _score_list(rejected.scores),
             "selected_by": selected_by,
         })
         report = self.report
         report.triplets += 1
         report.by_method[selected_by] = report.by_method.get(selected_by, 0) + 1
-        for system in chosen_systems:
+        for system in chosen.systems:
             report.chosen[system] = report.chosen.get(system, 0) + 1
-        for system in rejected_systems:
+        for system in rejected.systems:
             report.rejected[system] = report.rejected.get(system, 0) + 1
 
 
@@ -244,9 +243,10 @@ def _pair_by_label(builder: _Builder, source: dict,
         builder.drop(source, IDENTICAL_TEXTS, f"{good_system} and {bad_system} gave the same text")
         return
     sid = source["source_id"]
-    builder.pair(source, preferred, dispreferred, [good_system], [bad_system],
-                 score_map.get((sid, preferred), {}), score_map.get((sid, dispreferred), {}),
-                 "human_label")
+    # Index -1: a labelled pair is not ranked, so it needs no table position.
+    good = _Candidate(-1, preferred, [good_system], score_map.get((sid, preferred), {}))
+    bad = _Candidate(-1, dispreferred, [bad_system], score_map.get((sid, dispreferred), {}))
+    builder.pair(source, good, bad, "human_label")
 
 
 def _pair_by_score(builder: _Builder, source: dict, candidates: list[_Candidate], rank_by: str,
@@ -306,8 +306,7 @@ def _pair_by_score(builder: _Builder, source: dict, candidates: list[_Candidate]
                          f"{'+'.join(chosen.systems)} vs {'+'.join(rejected.systems)}: "
                          f"{rank_by} margin {margin:.4g} < {config.min_margin:g}")
             continue
-        builder.pair(source, chosen.text, rejected.text, chosen.systems, rejected.systems,
-                     chosen.scores, rejected.scores, "score")
+        builder.pair(source, chosen, rejected, "score")
 
 
 def system_counts(report: SelectReport) -> list[dict]:

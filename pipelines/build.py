@@ -28,7 +28,7 @@ from prefect.context import TaskRunContext, get_run_context
 from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cpo_data import build, store
+from cpo_data import build
 from cpo_data.config import BuildConfig, ConfigError, load_config
 from cpo_data.generate import GenerateError
 from cpo_data.score import ScoreError
@@ -81,8 +81,8 @@ def score_shard(generated: dict, shard, config: BuildConfig, key: str, label: st
 
 
 @task(name="select-and-publish")
-def select_and_publish(config, loaded, candidates, scores, dropped, summary):
-    return build.select_and_publish(config, loaded, candidates, scores, dropped, summary)
+def select_and_publish(run: build.BuildRun) -> build.BuildSummary:
+    return build.select_and_publish(run)
 
 
 def _artifact_key(name: str, what: str) -> str:
@@ -145,17 +145,10 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
     logger = get_run_logger()
     if not isinstance(config, BuildConfig):
         config = load_config(config)
-    config = build.with_work_dir(config)
-    loaded = build.load_build_sources(config)
-    build.check_build(config, loaded.table)
-    parts = build.shards(loaded.table, config.shard_size)
-    logger.info("%d sources (%s) in %d shard(s) of up to %d", loaded.table.num_rows,
-                ", ".join(loaded.report.files), len(parts), config.shard_size)
-    summary = build.BuildSummary(
-        dataset_uri=store.dataset_uri(config.publish.uri, config.publish.name), version="",
-        triplets=0, sources=loaded.table.num_rows, shards=len(parts))
-    generate_weights = build.model_fingerprints(config, "generate")
-    score_weights = build.model_fingerprints(config, "score")
+    run = build.start_build(config)
+    config = run.config
+    logger.info("%d sources (%s) in %d shard(s) of up to %d", run.summary.sources,
+                ", ".join(run.loaded.report.files), len(run.shards), config.shard_size)
     # Finished shards are stored under work_dir, next to the caches they came from (a Path is
     # the one result storage Prefect takes without a saved block).
     options: dict[str, Any] = {
@@ -165,37 +158,26 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
     generate_task = generate_shard.with_options(**options)
     score_task = score_shard.with_options(**options)
 
-    scored_futures, generated_futures = [], []
-    for number, shard in enumerate(parts, 1):
-        label = f"shard {number}/{len(parts)}"
-        generated = generate_task.submit(
-            shard, config, build.shard_key("generate", shard, [config.generate],
-                                           generate_weights), label)
-        # The score key covers what generation depends on too: the candidates are its input.
-        score_key = build.shard_key("score", shard, [config.generate, config.score],
-                                    generate_weights + score_weights)
-        generated_futures.append(generated)
-        scored_futures.append(score_task.submit(generated, shard, config, score_key, label))
-    # Any shard failing raises here, before anything is published.
-    generated_results = [f.result() for f in generated_futures]
-    scored_results = [f.result() for f in scored_futures]
-
+    futures = []
+    for number, shard in enumerate(run.shards, 1):
+        label = f"shard {number}/{len(run.shards)}"
+        generate_key, score_key = build.shard_keys(run, shard)
+        generated = generate_task.submit(shard, config, generate_key, label)
+        futures.append((generated, score_task.submit(generated, shard, config, score_key,
+                                                     label)))
+    # Any shard failing raises here, before anything is published. A result made by an earlier
+    # run came from Prefect's task cache: its work is not counted again.
     run_id = str(get_run_context().flow_run.id)
-    candidates, scores, dropped = [], [], []
-    for generated, scored in zip(generated_results, scored_results, strict=True):
-        reused = scored["flow_run"] != run_id
-        summary.shards_reused += reused
-        if generated["flow_run"] == run_id:
-            build.add_generate_report(summary, generated["result"].report)
-        if not reused:
-            build.add_score_report(summary, scored["result"].report)
-        candidates.append(generated["result"].table)
-        scores.append(scored["result"].table)
-        dropped += [generated["result"].dropped, scored["result"].dropped]
+    for generated_future, scored_future in futures:
+        generated, scored = generated_future.result(), scored_future.result()
+        build.add_shard(run, generated["result"], scored["result"],
+                        generated_now=generated["flow_run"] == run_id,
+                        scored_now=scored["flow_run"] == run_id)
+    summary = run.summary
     logger.info("generated %s, scored %s; %d of %d shards reused from an earlier run",
                 summary.generated or "nothing", summary.scored or "nothing",
-                summary.shards_reused, len(parts))
-    summary = select_and_publish(config, loaded, candidates, scores, dropped, summary)
+                summary.shards_reused, len(run.shards))
+    summary = select_and_publish(run)
     logger.info("published %s version %s: %d triplets", summary.dataset_uri, summary.version,
                 summary.triplets)
     create_artifacts(summary, config.publish.name)

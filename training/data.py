@@ -46,9 +46,9 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _split(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+def _split(tokenizer, prompt: str, prompt_ids: list[int],
+           completion: str) -> tuple[list[int], list[int]]:
     """Prompt and completion ids as the joint tokenization has them."""
-    prompt_ids = _ids(tokenizer, prompt)
     full = _ids(tokenizer, prompt + completion)
     common = 0
     for a, b in zip(prompt_ids, full, strict=False):
@@ -65,8 +65,9 @@ def tokenize_triplet(tokenizer, prompt: str, chosen: str, rejected: str, max_len
     eos = [tokenizer.eos_token_id]
     sides = []
     truncated = False
+    prompt_alone = _ids(tokenizer, prompt)  # once: both sides share it
     for completion in (chosen, rejected):
-        prompt_ids, answer_ids = _split(tokenizer, prompt, completion)
+        prompt_ids, answer_ids = _split(tokenizer, prompt, prompt_alone, completion)
         answer_ids = answer_ids + eos
         if len(bos) + len(prompt_ids) + len(answer_ids) > max_length:
             truncated = True
