@@ -1,10 +1,12 @@
-"""The `cpo-data` command: build triplets, inspect published versions, run the demo."""
+"""The `cpo-data` command: build triplets, inspect published versions, train, run the demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 
@@ -15,9 +17,10 @@ from cpo_data.generate import GenerateError
 from cpo_data.schema import SchemaError
 from cpo_data.score import ScoreError
 from cpo_data.sources import SourceError
+from training.loop import TrainingDiverged, TrainingError
 
 _USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
-                store.StoreError)
+                store.StoreError, TrainingError, TrainingDiverged)
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -124,11 +127,65 @@ def _cmd_build(args: argparse.Namespace) -> None:
     _run_build(load_config(args.config), args.rows)  # config errors before Prefect starts
 
 
+def _metric_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return ([m for m in lines if "loss" in m], [m for m in lines if "eval/loss" in m])
+
+
+def print_training_summary(record: dict, table_rows: int = 8) -> None:
+    """How the metrics moved over the run, held-out and test-set results, where the model is."""
+    run_dir = Path(record["model_dir"]).parent
+    steps, evals = _metric_rows(run_dir)
+    print()
+    print(f"==> trained {record['steps']} steps ({record['loss']}, {record['finetune']}) on "
+          f"{record['dataset_uri']} version {record['dataset_version']}"
+          + (f", resumed from step {record['resumed_from_step']}"
+             if record["resumed_from_step"] else ""))
+    if steps:
+        every = max(1, len(steps) // table_rows)
+        shown = steps[::every] + ([steps[-1]] if (len(steps) - 1) % every else [])
+        print(f"{'step':>6} {'loss':>8} {'nll':>8} {'acc':>6} {'margin':>8} {'lr':>9} "
+              f"{'tok/s':>8}")
+        for m in shown:
+            print(f"{m['step']:>6} {m['loss']:>8.4f} {m['nll_loss']:>8.4f} "
+                  f"{m['rewards/accuracies']:>6.2f} {m['rewards/margins']:>8.4f} "
+                  f"{m['learning_rate']:>9.2e} {m['tokens_per_second']:>8.0f}")
+    for m in evals:
+        print(f"held-out ({record['held_out_rows']} triplets) at step {m['step']}: loss "
+              f"{m['eval/loss']:.4f}, accuracy {m['eval/rewards/accuracies']:.2f}, margin "
+              f"{m['eval/rewards/margins']:.4f}")
+    for model, pairs in (record["translation"] or {}).items():
+        scores = "; ".join(f"{pair} " + ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
+            for pair, s in pairs.items())
+        print(f"test set ({model}): {scores}")
+    for note in record["notes"]:
+        print(f"note: {note}")
+    print(f"model     {record['model_dir']}")
+    print(f"metrics   {run_dir / 'metrics.jsonl'}")
+    print(f"manifest  {run_dir / 'run_manifest.json'}")
+
+
+def _run_train(config, version: str | None) -> None:
+    from pipelines.train import train_cpo
+
+    print_training_summary(train_cpo(config, version))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from training.config import load_train_config
+
+    _run_train(load_train_config(args.config), args.version)  # errors before Prefect starts
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from cpo_data import demo
 
     print(f"==> demo: {demo.DEMO_CONFIG}")
     _run_build(demo.demo_config(args.store), args.rows)
+    if not args.skip_training:
+        print("\n==> demo training: a short CPO run with a tiny local model")
+        _run_train(demo.demo_train_config(args.store), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,9 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--rows", type=int, default=2, help="rows to show per language pair")
     build.set_defaults(run=_cmd_build)
 
+    train = commands.add_parser("train", help="train on a published version (the YAML's "
+                                "train section)")
+    train.add_argument("config", help="config (YAML) with a train section, e.g. "
+                       "configs/demo.yaml")
+    train.add_argument("--version", help="dataset version (default: the config's, latest)")
+    train.set_defaults(run=_cmd_train)
+
     demo = commands.add_parser("demo", help="run the offline demo on the demo corpus")
     demo.add_argument("--store", help="store URI to publish into (default: .cpo-data/store)")
     demo.add_argument("--rows", type=int, default=2, help="rows to show per language pair")
+    demo.add_argument("--skip-training", action="store_true",
+                      help="stop after publishing the triplets")
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -488,6 +488,9 @@ def load_config(path: str | Path) -> BuildConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if isinstance(data, dict):
+        # The training run's section lives in the same file; training.config reads it.
+        data = {key: value for key, value in data.items() if key != "train"}
     try:
         config = from_dict(BuildConfig, data)
     except ConfigError as error:

@@ -85,7 +85,7 @@ def select_and_publish(run: build.BuildRun) -> build.BuildSummary:
     return build.select_and_publish(run)
 
 
-def _artifact_key(name: str, what: str) -> str:
+def artifact_key(name: str, what: str) -> str:
     # Artifact keys take lowercase letters, digits and dashes only.
     return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower())
 
@@ -94,15 +94,15 @@ def create_artifacts(summary: build.BuildSummary, name: str) -> None:
     """The build's tables in the Prefect UI, under keys that stay the same across runs."""
     description = f"{summary.dataset_uri} version {summary.version}"
     create_table_artifact(
-        key=_artifact_key(name, "lang-pairs"), description=f"Triplets per language pair, "
+        key=artifact_key(name, "lang-pairs"), description=f"Triplets per language pair, "
         f"{description}", table=[{"lang_pair": k, "triplets": v}
                                  for k, v in sorted(summary.lang_pairs.items())])
     create_table_artifact(
-        key=_artifact_key(name, "drops"), description=f"Dropped rows by reason, {description}",
+        key=artifact_key(name, "drops"), description=f"Dropped rows by reason, {description}",
         table=[{"reason": k, "rows": v} for k, v in sorted(summary.dropped.items())] or
         [{"reason": "none", "rows": 0}])
     create_table_artifact(
-        key=_artifact_key(name, "systems"), description="How often each system was chosen "
+        key=artifact_key(name, "systems"), description="How often each system was chosen "
         f"and rejected (ALMA-R's Table 2), {description}",
         table=summary.systems or [{"system": "none", "chosen": 0, "rejected": 0}])
     lines = [f"# {summary.dataset_uri} {summary.version}", "",
@@ -121,7 +121,7 @@ def create_artifacts(summary: build.BuildSummary, name: str) -> None:
         lines += ["", f"Human labels: {agreement['labelled']} labelled sources; the ranking "
                   f"score agrees on {agreement['agree']} of {agreement['compared']} compared "
                   f"({share:.0%}), ties {agreement['ties']}."]
-    create_markdown_artifact(key=_artifact_key(name, "summary"), markdown="\n".join(lines),
+    create_markdown_artifact(key=artifact_key(name, "summary"), markdown="\n".join(lines),
                              description=description)
 
 

@@ -11,6 +11,11 @@ this ecosystem log under the same names (`rewards/chosen`, `logps/rejected`, ...
 - ORPO (Hong et al. 2024): `L = L_NLL - lambda * log sigmoid(log odds(y_w) - log odds(y_l))` on
   per-token-mean log-probabilities; the caller passes the NLL (it may cover the prompt).
 - DPO, for comparison runs, against a reference model's log-probabilities.
+
+Under gradient accumulation a step's batch is split into micro-batches, and means over the
+micro-batch would weigh a short micro-batch like a long one. So every loss takes optional
+`pairs` and `nll_tokens`: the step's whole pair count and chosen-token count. The micro-batch
+losses are then shares of the step's loss and add up to it exactly.
 """
 
 from __future__ import annotations
@@ -32,21 +37,28 @@ class LossOutput:
     """Batch means, detached."""
 
 
-def completion_logps(logits: torch.Tensor, labels: torch.Tensor,
-                     ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each sequence's labelled tokens, and how many there are.
+def token_logps(logits: torch.Tensor, labels: torch.Tensor,
+                ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next token and the mask of those that count.
 
     `logits[b, t]` predicts token `t + 1`, so labels are shifted by one; positions labelled
-    `ignore_index` (prompt and padding) carry no loss.
+    `ignore_index` (prompt and padding) get 0 and mask False.
     """
     logits = logits[:, :-1, :]
     labels = labels[:, 1:]
     mask = labels != ignore_index
-    safe_labels = labels.masked_fill(~mask, 0)
-    # log_softmax in float32: bf16 log-probabilities of long sequences lose whole nats.
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2,
-                               safe_labels.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    # Fused log-softmax + gather in float32: bf16 log-probabilities of long sequences lose
+    # whole nats, and the fused kernel keeps no second vocabulary-sized copy for the gather.
+    logps = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                             ignore_index=ignore_index, reduction="none")
+    return logps.view(labels.shape), mask
+
+
+def completion_logps(logits: torch.Tensor, labels: torch.Tensor,
+                     ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's labelled tokens, and how many there are."""
+    logps, mask = token_logps(logits, labels, ignore_index)
+    return (logps * mask).sum(-1), mask.sum(-1)
 
 
 def _metrics(loss: torch.Tensor, nll: torch.Tensor, chosen_rewards: torch.Tensor,
@@ -64,15 +76,23 @@ def _metrics(loss: torch.Tensor, nll: torch.Tensor, chosen_rewards: torch.Tensor
     }
 
 
-def chosen_nll(chosen_sum: torch.Tensor, chosen_count: torch.Tensor) -> torch.Tensor:
-    """Token-mean cross-entropy over all chosen completion tokens of the batch."""
-    return -chosen_sum.sum() / chosen_count.sum().clamp(min=1)
+def chosen_nll(chosen_sum: torch.Tensor, chosen_count: torch.Tensor,
+               nll_tokens: int | None = None) -> torch.Tensor:
+    """Token-mean cross-entropy over all chosen completion tokens of the batch (or, with
+    `nll_tokens`, this micro-batch's share of the step's token mean)."""
+    denominator = chosen_count.sum().clamp(min=1) if nll_tokens is None else max(nll_tokens, 1)
+    return -chosen_sum.sum() / denominator
+
+
+def _pair_mean(values: torch.Tensor, pairs: int | None) -> torch.Tensor:
+    return values.mean() if pairs is None else values.sum() / pairs
 
 
 def cpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor, chosen_count: torch.Tensor,
              rejected_count: torch.Tensor, *, beta: float = 0.1, cpo_alpha: float = 1.0,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             simpo_gamma: float = 0.5) -> LossOutput:
+             simpo_gamma: float = 0.5, pairs: int | None = None,
+             nll_tokens: int | None = None, with_metrics: bool = True) -> LossOutput:
     """CPO: a preference term plus `cpo_alpha` times the NLL of the chosen completions."""
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r} is not one of {CPO_LOSS_TYPES}")
@@ -91,8 +111,10 @@ def cpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor, chosen_count:
         prefer = (delta - 1 / (2 * beta)) ** 2
     else:  # simpo: a target margin gamma/beta inside the sigmoid
         prefer = -F.logsigmoid(beta * (delta - simpo_gamma / beta))
-    nll = chosen_nll(chosen_sum, chosen_count)
-    loss = prefer.mean() + cpo_alpha * nll
+    nll = chosen_nll(chosen_sum, chosen_count, nll_tokens)
+    loss = _pair_mean(prefer, pairs) + cpo_alpha * nll
+    if not with_metrics:
+        return LossOutput(loss, {})
     metrics = _metrics(loss, nll, (beta * chosen).detach(), (beta * rejected).detach(),
                        chosen.detach(), rejected.detach())
     return LossOutput(loss, metrics)
@@ -106,7 +128,8 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def orpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor, chosen_count: torch.Tensor,
               rejected_count: torch.Tensor, nll: torch.Tensor, *,
-              lam: float = 0.1) -> LossOutput:
+              lam: float = 0.1, pairs: int | None = None,
+              with_metrics: bool = True) -> LossOutput:
     """ORPO: `nll - lam * log sigmoid(log odds ratio)` on per-token-mean log-probabilities.
 
     `nll` comes from the caller, over the completion or over prompt and completion."""
@@ -117,7 +140,9 @@ def orpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor, chosen_count
     rejected_c = rejected.clamp(max=-1e-6)
     log_odds = (chosen_c - rejected_c) - (log1mexp(chosen_c) - log1mexp(rejected_c))
     ratio = F.logsigmoid(log_odds)
-    loss = nll - lam * ratio.mean()
+    loss = nll - lam * _pair_mean(ratio, pairs)
+    if not with_metrics:
+        return LossOutput(loss, {})
     metrics = _metrics(loss, nll, (lam * chosen).detach(), (lam * rejected).detach(),
                        chosen.detach(), rejected.detach())
     metrics["log_odds_ratio"] = ratio.mean().item()
@@ -127,14 +152,17 @@ def orpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor, chosen_count
 
 def dpo_loss(chosen_sum: torch.Tensor, rejected_sum: torch.Tensor,
              reference_chosen_sum: torch.Tensor, reference_rejected_sum: torch.Tensor,
-             chosen_count: torch.Tensor, *, beta: float = 0.1) -> LossOutput:
+             chosen_count: torch.Tensor, *, beta: float = 0.1, pairs: int | None = None,
+             nll_tokens: int | None = None, with_metrics: bool = True) -> LossOutput:
     """DPO: `-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))` on summed log-probs.
 
     The NLL of the chosen side is reported, not added."""
     chosen_rewards = beta * (chosen_sum - reference_chosen_sum)
     rejected_rewards = beta * (rejected_sum - reference_rejected_sum)
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
-    nll = chosen_nll(chosen_sum, chosen_count)
+    loss = _pair_mean(-F.logsigmoid(chosen_rewards - rejected_rewards), pairs)
+    if not with_metrics:
+        return LossOutput(loss, {})
+    nll = chosen_nll(chosen_sum, chosen_count, nll_tokens)
     return LossOutput(loss, _metrics(loss, nll, chosen_rewards.detach(),
                                      rejected_rewards.detach(), chosen_sum.detach(),
                                      rejected_sum.detach()))

@@ -303,3 +303,11 @@ class HFGenerator:
 def load_generator(config: GeneratorConfig) -> HFGenerator:
     """The generator for one configured model (weights loaded once per process)."""
     return HFGenerator(config)
+
+
+def release_models() -> None:
+    """Forget the models loaded so far, so their memory can go (e.g. before training), and a
+    folder rewritten since (a retrained adapter) is read again next time."""
+    _load.cache_clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,99 @@
+"""The training flow: a published triplet version -> CPO/ORPO training -> evaluation -> manifest.
+
+    from pipelines.train import train_cpo
+    record = train_cpo("configs/demo.yaml")               # the latest version
+    record = train_cpo("configs/demo.yaml", version="20261122T101500-1a2b3c")
+
+The stages are plain functions in `training/run.py`; this module only wires them as tasks.
+Training is not cached: a rerun of the same version continues from the run folder's newest
+checkpoint (`train.resume`), so a crashed or cancelled run loses at most `save_steps` steps.
+On success the flow creates a metrics artifact and emits `cpo_data.training.completed`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.events import emit_event
+
+from pipelines.build import artifact_key
+from training import run as stages
+from training.config import TrainConfig, load_train_config
+from training.loop import TrainResult
+
+COMPLETED_EVENT = "cpo_data.training.completed"
+_LOGGED = ("loss", "nll_loss", "rewards/accuracies", "rewards/margins", "learning_rate",
+           "tokens_per_second")
+
+
+@task(name="load-triplets")
+def load_triplets(config: TrainConfig, version: str | None) -> tuple[dict, list[dict]]:
+    manifest, rows = stages.load_dataset(config, version)
+    get_run_logger().info("%s version %s: %d triplets", config.dataset, manifest["version"],
+                          len(rows))
+    return manifest, rows
+
+
+@task(name="train")
+def train_model(config: TrainConfig, manifest: dict, rows: list[dict]) -> TrainResult:
+    logger = get_run_logger()
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        # The UI shows the run's logs; every tenth step keeps them readable on long runs.
+        if step == 1 or step % 10 == 0:
+            logger.info("step %d: %s", step, ", ".join(
+                f"{name} {metrics[name]:.4g}" for name in _LOGGED))
+
+    result = stages.train_on(config, manifest, rows, progress=True, on_step=report)
+    for note in result.notes:
+        logger.warning(note)
+    return result
+
+
+@task(name="evaluate-translations")
+def evaluate_translations(config: TrainConfig, model_dir: str) -> dict:
+    from training.evaluate import translation_quality
+
+    return translation_quality(config, model_dir)
+
+
+@task(name="write-run-manifest")
+def write_run_manifest(config: TrainConfig, manifest: dict, result: TrainResult,
+                       translation: dict | None) -> dict:
+    return stages.write_run_manifest(config, manifest, result, translation)
+
+
+def create_artifact(record: dict[str, Any], name: str) -> None:
+    """The run's closing metrics in the Prefect UI."""
+    table = [{"metric": k, "value": v} for k, v in record["metrics"].items()]
+    table += [{"metric": k, "value": v} for k, v in record["eval"].items()]
+    for model, pairs in (record["translation"] or {}).items():
+        for pair, scores in pairs.items():
+            table += [{"metric": f"{model}/{pair}/{k}", "value": v} for k, v in scores.items()]
+    create_table_artifact(
+        key=artifact_key(name, "training"), table=table,
+        description=f"Training on {record['dataset_uri']} version {record['dataset_version']}: "
+        f"{record['steps']} steps, model in {record['model_dir']}")
+
+
+@flow(name="cpo-data-train", validate_parameters=False)
+def train_cpo(config: str | TrainConfig, version: str | None = None) -> dict:
+    """Train on one published version (default: the config's `version`, normally `latest`)
+    and return the run manifest as a dict."""
+    if not isinstance(config, TrainConfig):
+        config = load_train_config(config)
+    manifest, rows = load_triplets(config, version)
+    result = train_model(config, manifest, rows)
+    translation = (evaluate_translations(config, result.model_dir)
+                   if config.eval.test_set is not None else None)
+    record = write_run_manifest(config, manifest, result, translation)
+    name = config.dataset.rstrip("/").rsplit("/", 1)[-1]
+    create_artifact(record, name)
+    emit_event(event=COMPLETED_EVENT,
+               resource={"prefect.resource.id": f"cpo-data.dataset.{name}",
+                         "prefect.resource.name": name},
+               payload={"dataset_uri": record["dataset_uri"],
+                        "version": record["dataset_version"], "model_dir": record["model_dir"]})
+    return record

@@ -1,0 +1,84 @@
+"""Checkpoints of a training run: written whole or not at all, and read back exactly.
+
+A checkpoint folder `checkpoint-{step}` holds what `save_pretrained` writes (the adapter for
+LoRA, every weight for full fine-tuning), the tokenizer, the optimizer and scheduler state, the
+random-number generators, and `trainer_state.json` with the step. It is written under a
+temporary name and renamed into place, so a crash mid-write leaves no half checkpoint that a
+resume would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in a run folder, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler,
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint-{step} atomically and delete all but the newest `keep`."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"checkpoint-{step}"
+    partial = run_dir / f".checkpoint-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+    torch.save(rng_state(), partial / "rng_state.pt")
+    (partial / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def load_training_state(checkpoint: Path, optimizer, scheduler) -> None:
+    """Optimizer, scheduler and random-number state as they were when `checkpoint` was saved
+    (weights are loaded by the caller, which knows whether they are an adapter)."""
+    # weights_only=False: the RNG state holds numpy arrays and Python tuples; the file is our
+    # own, written by save_checkpoint.
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False))

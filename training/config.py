@@ -1,0 +1,256 @@
+"""The `train` section of the build YAML: one frozen dataclass per part, checked on load.
+
+The same YAML file that builds a dataset holds how to train on it, so `cpo-data build` and
+`cpo-data train` read one file and the training run knows which dataset it belongs to: when
+`train.dataset` is not given it is the dataset the `publish` section names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cpo_data.config import (
+    ALMA_PROMPT,
+    ConfigError,
+    ScorerConfig,
+    SourcesConfig,
+    _check_choice,
+    _check_device,
+    _fail,
+    _resolve_model,
+    _resolve_path,
+    from_dict,
+)
+from cpo_data.store import dataset_uri
+from training.losses import CPO_LOSS_TYPES
+
+LOSSES = ("cpo", "orpo", "dpo")
+FINETUNE = ("lora", "full")
+SCHEDULERS = ("linear", "cosine", "inverse_sqrt", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter that training updates (peft)."""
+
+    rank: int = 16
+    """Adapter rank r (ALMA-R: 16)."""
+    alpha: int = 32
+    """Scaling numerator: updates are scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: tuple[str, ...] = ()
+    """Module names to adapt (q_proj, v_proj, ...), or [all-linear]; empty: peft's default for
+    the architecture."""
+    adapter: str | None = None
+    """An existing adapter (hub id or folder) to continue training, as ALMA-R continues
+    ALMA-13B-LoRA; its own rank and targets then apply."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            _fail("rank", "must be at least 1")
+        if self.alpha < 1:
+            _fail("alpha", "must be at least 1")
+        if not 0 <= self.dropout < 1:
+            _fail("dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What is measured besides the training loss."""
+
+    held_out: int = 0
+    """Triplets kept out of training (seeded pick) for preference accuracy and loss; 0: none."""
+    every_steps: int = 0
+    """Evaluate the held-out triplets every N optimizer steps as well as at the end; 0: end."""
+    batch_size: int = 8
+    """Pairs per evaluation batch."""
+    test_set: SourcesConfig | None = None
+    """Sources with references: after training, the trained model translates them and BLEU and
+    chrF (sacrebleu) are reported."""
+    test_rows: int = 200
+    """Test-set rows used at most (the first ones)."""
+    prompt_template: str = ALMA_PROMPT
+    """Prompt for translating the test set; match the triplets' prompt."""
+    max_new_tokens: int = 256
+    """Longest test translation, in tokens."""
+    comet: ScorerConfig | None = None
+    """Optional COMET scorer (as in the score stage) for the test translations."""
+    compare_base: bool = False
+    """Also translate the test set with the untrained model, to report the change."""
+
+    def __post_init__(self) -> None:
+        for key in ("held_out", "every_steps"):
+            if getattr(self, key) < 0:
+                _fail(key, "must be 0 or more")
+        for key in ("batch_size", "test_rows", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                _fail(key, "must be at least 1")
+        if self.comet is not None and self.test_set is None:
+            _fail("comet", "scores test translations: give a test_set too")
+        if self.compare_base and self.test_set is None:
+            _fail("compare_base", "compares test translations: give a test_set too")
+        if "{src}" not in self.prompt_template:
+            _fail("prompt_template", "must contain {src}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run on a published triplet version."""
+
+    model: str
+    """Causal LM to train: hub id or local folder (ALMA-R: haoranxu/ALMA-13B-Pretrain)."""
+    output_dir: str = ".cpo-data/runs"
+    """Runs go to {output_dir}/{version}/: checkpoints, metrics.jsonl, final model, manifest."""
+    dataset: str | None = None
+    """Dataset URI ({store}/{name}); null: the dataset the YAML's publish section names."""
+    version: str = "latest"
+    """Dataset version to train on."""
+    loss: str = "cpo"
+    """cpo (no reference model), orpo, or dpo (reference = base model, adapter off)."""
+    loss_type: str = "sigmoid"
+    """cpo only: sigmoid, hinge, ipo or simpo."""
+    beta: float = 0.1
+    """Preference temperature beta (cpo, dpo)."""
+    cpo_alpha: float = 1.0
+    """cpo: weight of the NLL term on the chosen completion."""
+    label_smoothing: float = 0.0
+    """cpo sigmoid: probability that a pair's label is flipped (conservative loss)."""
+    simpo_gamma: float = 0.5
+    """cpo simpo: target reward margin."""
+    orpo_lambda: float = 0.1
+    """orpo: weight lambda of the odds-ratio term (TRL calls it beta)."""
+    orpo_nll_on_prompt: bool = True
+    """orpo: the NLL covers prompt and completion (as TRL), else the completion only."""
+    finetune: str = "lora"
+    """lora (only adapter weights train) or full (every weight trains)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapter, for finetune: lora."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (ALMA-R's script: 1e-4)."""
+    lr_scheduler: str = "inverse_sqrt"
+    """linear, cosine, inverse_sqrt (ALMA-R) or constant, each after the warm-up."""
+    warmup_ratio: float = 0.01
+    """Share of the optimizer steps spent warming up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this; 0 turns clipping off."""
+    epochs: int = 1
+    """Passes over the training triplets (ALMA-R: 1)."""
+    max_steps: int = 0
+    """Optimizer steps; overrides epochs when above 0."""
+    batch_size: int = 4
+    """Pairs per forward pass (each pair is two sequences)."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step: the step's batch is batch_size x this."""
+    max_length: int = 512
+    """Prompt + completion tokens at most (ALMA-R: 512)."""
+    max_prompt_length: int = 256
+    """Prompt tokens kept when an example is too long (ALMA-R: 256)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more time."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPUs that support it, else fp32), bf16 or fp32."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda, cuda:N."""
+    seed: int = 42
+    """Seeds the adapter's initial weights, the data order and dropout."""
+    save_steps: int = 0
+    """Checkpoint every N optimizer steps (and always at the end); 0: only at the end."""
+    save_total_limit: int = 2
+    """Checkpoints kept (newest); older ones are deleted."""
+    resume: bool = True
+    """Continue from the newest checkpoint in the run folder when there is one."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out preference accuracy and test-set translation quality."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            _fail("model", "name a hub id or a local folder")
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("loss_type", self.loss_type, CPO_LOSS_TYPES)
+        _check_choice("finetune", self.finetune, FINETUNE)
+        if self.loss != "cpo" and self.loss_type != "sigmoid":
+            _fail("loss_type", f"{self.loss_type!r} is a cpo loss type; loss {self.loss} has "
+                  "its own preference term (leave loss_type at sigmoid)")
+        if self.loss == "dpo" and self.finetune != "lora":
+            _fail("finetune", "dpo needs lora: its reference model is the base model with the "
+                  "adapter switched off")
+        _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_device("device", self.device)
+        for key in ("beta", "learning_rate", "orpo_lambda"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                _fail(key, f"must be a positive number, got {value}")
+        for key in ("cpo_alpha", "weight_decay", "max_grad_norm", "simpo_gamma"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                _fail(key, f"must be a number >= 0, got {value}")
+        if not 0 <= self.label_smoothing < 0.5:
+            _fail("label_smoothing", "must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            _fail("label_smoothing", "applies to loss_type sigmoid only")
+        if not 0 <= self.warmup_ratio < 1:
+            _fail("warmup_ratio", "must be in [0, 1)")
+        for key in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length",
+                    "max_prompt_length", "save_total_limit"):
+            if getattr(self, key) < 1:
+                _fail(key, "must be at least 1")
+        for key in ("max_steps", "save_steps"):
+            if getattr(self, key) < 0:
+                _fail(key, "must be 0 or more")
+        if self.max_prompt_length >= self.max_length:
+            _fail("max_prompt_length", f"must be below max_length ({self.max_length})")
+
+
+def _resolved(config: TrainConfig, base: Path, default_dataset: str | None) -> TrainConfig:
+    lora = config.lora
+    if lora.adapter:
+        lora = dataclasses.replace(lora, adapter=_resolve_model(lora.adapter, base))
+    evaluation = config.eval
+    if evaluation.test_set is not None:
+        test_set = dataclasses.replace(evaluation.test_set,
+                                       path=_resolve_path(evaluation.test_set.path, base))
+        evaluation = dataclasses.replace(evaluation, test_set=test_set)
+    if evaluation.comet is not None:
+        comet = dataclasses.replace(evaluation.comet,
+                                    model=_resolve_model(evaluation.comet.model, base))
+        evaluation = dataclasses.replace(evaluation, comet=comet)
+    dataset = _resolve_path(config.dataset, base) if config.dataset else default_dataset
+    if dataset is None:
+        _fail("train.dataset", "name the dataset URI, or give the file a publish section")
+    return dataclasses.replace(
+        config, model=_resolve_model(config.model, base), dataset=dataset, lora=lora,
+        output_dir=_resolve_path(config.output_dir, base), eval=evaluation)
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """The `train` section of a build YAML; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict) or "train" not in data:
+        raise ConfigError(f"{path}: train: the file has no train section")
+    base = path.resolve().parent
+    try:
+        config = from_dict(TrainConfig, data["train"], "train")
+        publish = data.get("publish")
+        default_dataset = None
+        if isinstance(publish, dict) and publish.get("uri") and publish.get("name"):
+            default_dataset = dataset_uri(_resolve_path(str(publish["uri"]), base),
+                                          str(publish["name"]))
+        return _resolved(config, base, default_dataset)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

@@ -1,0 +1,413 @@
+"""The training loop, top to bottom: set up, train, save.
+
+`train(config, rows, run_dir)` trains the configured model on triplet rows (`prompt`, `chosen`,
+`rejected`) and leaves in `run_dir`:
+
+- `checkpoint-{step}/`: weights (adapter or full), tokenizer, optimizer, scheduler and RNG
+  state, every `save_steps` and at the end; a rerun with `resume` continues from the newest
+  exactly as if it had not stopped (same data order, same dropout, same schedule);
+- `final/`: the trained adapter (or weights) and tokenizer, ready for `from_pretrained`;
+- `metrics.jsonl`: one line per optimizer step (and per evaluation) under the names TRL
+  users know: `loss`, `nll_loss`, `rewards/*`, `logps/*`, plus `learning_rate`, `grad_norm`,
+  `tokens_per_second`, `peak_memory_mb`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpo_data.backends.torch_device import pick_device
+from training import checkpoint as ckpt
+from training.config import TrainConfig
+from training.data import collate, tokenize_triplets
+from training.forward import (
+    Logps,
+    accepts_logits_to_keep,
+    forward_logps,
+    nll_covers_prompt,
+    nll_tokens,
+    preference_loss,
+    reference_logps,
+)
+
+log = logging.getLogger("cpo_data.training")
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+# Fields that do not change what the steps compute; a resume may change them.
+_RESUME_FREE = ("resume", "save_steps", "save_total_limit", "eval", "output_dir", "device",
+                "dataset", "version")
+
+
+class TrainingError(ValueError):
+    """Input the loop cannot train on; the message says which and why."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient stopped being finite; the last good weights are kept."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    model_dir: str
+    """The trained adapter or model (`final/`)."""
+    steps: int
+    resumed_from_step: int
+    """0 for a fresh run."""
+    train_rows: int
+    held_out_rows: int
+    truncated: int
+    """Training examples cut by the truncation rule."""
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Things the user should know (e.g. EOS used as the pad token)."""
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def split_held_out(rows: Sequence[dict], count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded pick of `count` rows to hold out; the rest train, in their order."""
+    if count == 0:
+        return list(rows), []
+    if count >= len(rows):
+        raise TrainingError(f"eval.held_out: {count} held-out triplets leave none of the "
+                            f"{len(rows)} to train on")
+    picked = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+                 [:count].tolist())
+    return ([r for i, r in enumerate(rows) if i not in picked],
+            [r for i, r in enumerate(rows) if i in picked])
+
+
+def step_plan(examples: int, batch_size: int, accumulation: int, epochs: int,
+              max_steps: int, seed: int) -> tuple[list[list[list[int]]], int]:
+    """Example indices of every micro-batch of every optimizer step, and steps per epoch.
+
+    Each epoch is its own seeded permutation, so the plan is the same on every run and a
+    resumed run picks up the very batches it would have seen."""
+    plan: list[list[list[int]]] = []
+    per_epoch = 0
+    epoch = 0
+    while (len(plan) < max_steps) if max_steps else (epoch < epochs):
+        order = torch.randperm(examples,
+                               generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        micro = [order[i: i + batch_size] for i in range(0, examples, batch_size)]
+        steps = [micro[i: i + accumulation] for i in range(0, len(micro), accumulation)]
+        per_epoch = len(steps)
+        plan.extend(steps)
+        epoch += 1
+    return (plan[:max_steps] if max_steps else plan), per_epoch
+
+
+def load_tokenizer(config: TrainConfig) -> tuple[Any, str | None]:
+    """The model's tokenizer, and a note when EOS had to stand in for a missing pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"train.model: cannot load a tokenizer from {config.model!r}: "
+                            f"{error}") from None
+    if tokenizer.eos_token_id is None:
+        raise TrainingError(f"train.model: the tokenizer of {config.model!r} has no EOS token; "
+                            "completions must end with one")
+    note = None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        # Safe: labels and attention masks come from sequence lengths, never from the pad id.
+        note = (f"the tokenizer of {config.model} has no pad token: padding with EOS "
+                f"({tokenizer.eos_token!r}, id {tokenizer.eos_token_id}); padded positions "
+                "carry no loss")
+        log.warning(note)
+    return tokenizer, note
+
+
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.precision == "bf16":
+        return torch.bfloat16
+    if config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def load_model(config: TrainConfig, device: torch.device, half: torch.dtype | None,
+               resume_from: Path | None):
+    """The model to train: base + LoRA adapter (new, continued or resumed), or all weights."""
+    from transformers import AutoModelForCausalLM
+
+    full_resume = resume_from is not None and config.finetune == "full"
+    source = str(resume_from) if full_resume else config.model
+    # A LoRA run never updates the base weights: hold them in half precision on GPU. Full
+    # fine-tuning keeps float32 master weights and runs the forward pass under autocast.
+    dtype = half if (half is not None and config.finetune == "lora") else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"train.model: cannot load {source!r}: {error}") from None
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.finetune == "lora":
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        adapter = str(resume_from) if resume_from is not None else config.lora.adapter
+        if adapter:
+            try:
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            except (OSError, ValueError) as error:
+                raise TrainingError(f"train.lora.adapter: cannot load {adapter!r}: "
+                                    f"{error}") from None
+        else:
+            targets = list(config.lora.target_modules) or None
+            if targets == ["all-linear"]:
+                targets = "all-linear"
+            lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
+                              lora_dropout=config.lora.dropout, target_modules=targets,
+                              task_type="CAUSAL_LM")
+            try:
+                model = get_peft_model(model, lora)
+            except ValueError as error:
+                raise TrainingError(f"train.lora.target_modules: {error}") from None
+    return model.to(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, after checking it was made by the same settings."""
+    found = ckpt.checkpoints(run_dir)
+    if not found:
+        return None
+    if not config.resume:
+        log.warning("%s: resume is off: starting over, deleting %d checkpoint(s)", run_dir,
+                    len(found))
+        for folder in found:
+            shutil.rmtree(folder)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        return None
+    saved = ckpt.read_state(found[-1]).get("config", {})
+    current = _resume_settings(config)
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise TrainingError(
+            f"{found[-1]}: was trained with other settings ({', '.join(changed)}); resume it "
+            "with the same settings, set train.resume: false to start over, or pick another "
+            "output_dir")
+    return found[-1]
+
+
+def _resume_settings(config: TrainConfig) -> dict[str, Any]:
+    settings = dataclasses.asdict(config)
+    for key in _RESUME_FREE:
+        settings.pop(key)
+    return json.loads(json.dumps(settings))  # tuples as lists, as the saved JSON has them
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint a run resumes from."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
+                         device: torch.device, half: torch.dtype | None,
+                         trim: bool) -> dict[str, float]:
+    """Loss and reward metrics of held-out triplets, named `eval/...`."""
+    parts, references = [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(device, half):
+        for start in range(0, len(examples), config.eval.batch_size):
+            batch = _to(collate(examples[start: start + config.eval.batch_size], pad_id), device)
+            parts.append(forward_logps(model, batch, nll_covers_prompt(config), trim))
+            if config.loss == "dpo":
+                references.append(reference_logps(model, batch, trim))
+    model.train(was_training)
+    reference = Logps.cat(references) if references else None
+    metrics = preference_loss(config, Logps.cat(parts), reference).metrics
+    return {f"eval/{name}": value for name, value in metrics.items()}
+
+
+def _autocast(device: torch.device, half: torch.dtype | None):
+    return torch.autocast(device.type, dtype=half) if half is not None else nullcontext()
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
+          on_step: StepCallback | None = None, progress: bool = True,
+          manifest: dict[str, Any] | None = None) -> TrainResult:
+    """Train on triplet rows; see the module docstring for what lands in `run_dir`.
+
+    `on_step(step, metrics)` runs after every optimizer step (the flow reports progress with
+    it); `manifest` is stored with each checkpoint (e.g. the dataset version)."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler, set_seed
+
+    # ---- set up -------------------------------------------------------------------------
+    if not rows:
+        raise TrainingError("the dataset has no triplets to train on")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    half = _autocast_dtype(config, device)
+    resume_from = _resume_point(config, run_dir)
+    set_seed(config.seed)  # before the adapter's random initialisation
+
+    tokenizer, pad_note = load_tokenizer(config)
+    train_rows, held_rows = split_held_out(rows, config.eval.held_out, config.seed)
+    examples, report = tokenize_triplets(tokenizer, train_rows, config.max_length,
+                                         config.max_prompt_length)
+    held_examples, _ = tokenize_triplets(tokenizer, held_rows, config.max_length,
+                                         config.max_prompt_length)
+    if report.truncated:
+        log.warning("%d of %d training triplets were longer than max_length %d and were cut "
+                    "(e.g. %s)", report.truncated, report.examples, config.max_length,
+                    ", ".join(report.truncated_ids[:5]))
+
+    model = load_model(config, device, half, resume_from)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    plan, steps_per_epoch = step_plan(len(examples), config.batch_size,
+                                      config.gradient_accumulation_steps, config.epochs,
+                                      config.max_steps, config.seed)
+    total_steps = len(plan)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    start = 0
+    if resume_from is not None:
+        ckpt.load_training_state(resume_from, optimizer, scheduler)
+        start = ckpt.read_state(resume_from)["step"]
+        log.info("resuming %s from step %d (%s)", run_dir, start, resume_from.name)
+    metrics_path = run_dir / METRICS_FILE
+    _keep_metrics_until(metrics_path, start)
+
+    trim = accepts_logits_to_keep(model)
+    full_nll = nll_covers_prompt(config)
+    pad_id = tokenizer.pad_token_id
+    checkpoint_state = {"config": _resume_settings(config), **(manifest or {})}
+    last_saved: Path | None = resume_from
+    metrics: dict[str, float] = {}
+
+    def save(step: int) -> Path:
+        return ckpt.save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+                                    checkpoint_state, config.save_total_limit)
+
+    def write_metrics(line: dict[str, Any]) -> None:
+        with metrics_path.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+
+    # ---- train --------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=start, desc="training", unit="step",
+               disable=not progress)
+    for step in range(start, total_steps):
+        started = time.perf_counter()
+        batches = [collate([examples[i] for i in micro], pad_id) for micro in plan[step]]
+        # The step's totals, so each micro-batch's loss is its share of the step's mean.
+        pairs = sum(len(micro) for micro in plan[step])
+        token_total = sum(nll_tokens(batch, full_nll) for batch in batches)
+        parts, references = [], []
+        for batch in batches:
+            batch = _to(batch, device)
+            with _autocast(device, half):
+                logps = forward_logps(model, batch, full_nll, trim)
+                reference = reference_logps(model, batch, trim) if config.loss == "dpo" else None
+                loss = preference_loss(config, logps, reference, pairs, token_total,
+                                       with_metrics=False).loss
+            loss.backward()
+            parts.append(logps.detach())
+            if reference is not None:
+                references.append(reference)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+        with torch.no_grad():
+            metrics = preference_loss(config, Logps.cat(parts),
+                                      Logps.cat(references) if references else None).metrics
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
+            bar.close()
+            # No update was made: the weights are those after the previous step. Keep them.
+            saved_now = last_saved is not None and ckpt.read_state(last_saved)["step"] == step
+            good = last_saved if saved_now else save(step)
+            bad = ("loss", metrics["loss"]) if not math.isfinite(metrics["loss"]) \
+                else ("gradient norm", float(grad_norm))
+            raise TrainingDiverged(
+                f"{bad[0]} became {bad[1]} at step {step + 1}: training stopped; the last good "
+                f"weights (after step {step}) are in {good}", step + 1, good)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        metrics.update({
+            "learning_rate": learning_rate, "grad_norm": float(grad_norm), "tokens": tokens,
+            "tokens_per_second": tokens / seconds, "peak_memory_mb": _peak_memory_mb(device),
+        })
+        write_metrics({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, **metrics})
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                        acc=f"{metrics['rewards/accuracies']:.2f}", lr=f"{learning_rate:.2e}")
+        done = step + 1
+        if done == total_steps or (config.save_steps and done % config.save_steps == 0):
+            last_saved = save(done)
+        if held_examples and config.eval.every_steps and done % config.eval.every_steps == 0 \
+                and done != total_steps:
+            write_metrics({"step": done, **evaluate_preferences(
+                model, config, held_examples, pad_id, device, half, trim)})
+        if on_step is not None:
+            on_step(done, metrics)
+    bar.close()
+
+    # ---- save ---------------------------------------------------------------------------
+    if last_saved is None or ckpt.read_state(last_saved)["step"] != total_steps:
+        save(total_steps)
+    eval_metrics = {}
+    if held_examples:
+        eval_metrics = evaluate_preferences(model, config, held_examples, pad_id, device, half,
+                                            trim)
+        write_metrics({"step": total_steps, **eval_metrics})
+    final = run_dir / FINAL_DIR
+    partial = run_dir / f".{FINAL_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return TrainResult(
+        run_dir=str(run_dir), model_dir=str(final), steps=total_steps,
+        resumed_from_step=start, train_rows=len(train_rows), held_out_rows=len(held_rows),
+        truncated=report.truncated, last_metrics=metrics, eval_metrics=eval_metrics,
+        notes=[pad_note] if pad_note else [])
