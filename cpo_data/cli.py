@@ -175,7 +175,10 @@ def _run_train(config, version: str | None) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from training.config import load_train_config
 
-    _run_train(load_train_config(args.config), args.version)  # errors before Prefect starts
+    config = load_train_config(args.config)
+    # A missing dataset or version is named before Prefect's server starts (about 11 s).
+    store.resolve_version(config.dataset, args.version or config.version)
+    _run_train(config, args.version)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

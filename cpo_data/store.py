@@ -237,10 +237,13 @@ def _read_files(uri: str, version: str, name: str | None, key: str, table_schema
         data = fs.cat_file(file_path)
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise StoreError(f"{uri}/{manifest['version']}/{entry['path']}: sha256 mismatch")
-        tables.append(pq.read_table(pa.BufferReader(data), use_threads=False))  # see cache.py
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)  # see cache.py
+        # Each file on its own, so that the error names the file that does not fit.
+        tables.append(schema.validate(table, table_schema,
+                                      what=f"{uri}/{manifest['version']}/{entry['path']}"))
     if not tables:
         return schema.empty(table_schema)
-    return schema.validate(pa.concat_tables(tables), table_schema, what=f"{uri}/{version}")
+    return pa.concat_tables(tables)
 
 
 def read_triplets_table(uri: str, version: str = "latest", *, name: str | None = None,

@@ -51,3 +51,15 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture
+def events(monkeypatch):
+    """Events a flow emits, recorded instead of sent."""
+    from prefect.events.clients import AssertingEventsClient
+    from prefect.events.worker import EventsWorker
+
+    worker = EventsWorker.instance(AssertingEventsClient)
+    monkeypatch.setattr(EventsWorker, "instance", lambda *_: worker)
+    yield lambda: (worker.drain(), worker._client.events)[1]
+    worker.drain()

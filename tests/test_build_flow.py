@@ -28,18 +28,6 @@ def models(tmp_path_factory):
             "kiwi": str(build_tiny_comet(root / "kiwi", "kiwi"))}
 
 
-@pytest.fixture
-def events(monkeypatch):
-    """Events the flow emits, recorded instead of sent."""
-    from prefect.events.clients import AssertingEventsClient
-    from prefect.events.worker import EventsWorker
-
-    worker = EventsWorker.instance(AssertingEventsClient)
-    monkeypatch.setattr(EventsWorker, "instance", lambda *_: worker)
-    yield lambda: (worker.drain(), worker._client.events)[1]
-    worker.drain()
-
-
 def write_config(folder, models, rows, **overrides):
     (folder / "sources.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -34,6 +34,19 @@ def test_demo_builds_through_the_flow_and_shows_the_version(tmp_path, capsys, pr
     assert row["chosen_score"] == pytest.approx(chrf[better])
     assert set(frame["selected_by"]) == {"score"}
 
+    # Then a short training run on that version, whose metrics move.
+    run_dir = Path(f"{tmp_path}-runs") / manifest["version"]
+    record = json.loads((run_dir / "run_manifest.json").read_text())
+    assert record["dataset_version"] == manifest["version"] and record["steps"] == 120
+    assert f"==> trained 120 steps (cpo, full) on {tmp_path / 'demo'}" in out
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "loss" in m]
+    first, last = steps[:10], steps[-10:]
+    mean = lambda ms, key: sum(m[key] for m in ms) / len(ms)  # noqa: E731
+    assert mean(last, "loss") < mean(first, "loss") - 1
+    assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies")
+    assert "test set (trained): de-en rows 20" in out and "test set (base)" in out
+
 
 def test_versions_and_inspect(tmp_path, capsys):
     for seed in range(2):
@@ -66,7 +79,7 @@ def test_console_script_runs_the_demo_and_leaves_no_server_behind(tmp_path):
     result = subprocess.run([exe, "demo", "--store", str(tmp_path / "store"), "--rows", "1"],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
-    assert "pd.read_parquet(" in result.stdout
+    assert "pd.read_parquet(" in result.stdout and "==> trained 120 steps" in result.stdout
     assert "Error logging to API" not in result.stderr
     # Prefect's temporary server was started under this PREFECT_HOME; none may outlive us.
     leftovers = []

@@ -27,7 +27,8 @@ def load_dataset(config: TrainConfig, version: str | None = None) -> tuple[dict,
     A missing version or dataset raises `StoreError`, a version that fails validation
     `SchemaError`, an empty one `TrainingError`; each names the dataset and version."""
     manifest = store.read_manifest(config.dataset, version or config.version)
-    frame = store.read_triplets(config.dataset, manifest["version"])
+    # verify: a file changed since publishing would train on data the manifest does not vouch for
+    frame = store.read_triplets(config.dataset, manifest["version"], verify=True)
     if frame.empty:
         raise TrainingError(f"{config.dataset} version {manifest['version']}: has no triplets "
                             "to train on")

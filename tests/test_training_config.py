@@ -1,0 +1,81 @@
+"""The `train` section of the build YAML: defaults, paths, and refused combinations."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cpo_data.config import ConfigError, load_config
+from training.config import load_train_config
+
+BUILD = {
+    "sources": [{"path": "data/sources.jsonl", "src_lang": "de", "tgt_lang": "en",
+                 "systems": {"a": "a", "b": "b"}}],
+    "publish": {"uri": "store", "name": "mt"},
+}
+
+
+def write(folder, train, build=True):
+    data = {**BUILD, "train": train} if build else {"train": train}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_train_section_defaults_to_the_published_dataset(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sources.jsonl").write_text('{"src": "x", "a": "y", "b": "z"}\n')
+    path = write(tmp_path, {"model": "./models/tiny", "lora": {"adapter": "./adapters/a"}})
+    config = load_train_config(path)
+    assert config.dataset == str(tmp_path / "store" / "mt")
+    assert config.model == str(tmp_path / "models" / "tiny")
+    assert config.lora.adapter == str(tmp_path / "adapters" / "a")
+    assert config.output_dir == str(tmp_path / ".cpo-data" / "runs")
+    # the ALMA-R defaults
+    assert (config.loss, config.beta, config.cpo_alpha, config.lr_scheduler) == (
+        "cpo", 0.1, 1.0, "inverse_sqrt")
+    assert (config.max_length, config.max_prompt_length, config.lora.rank) == (512, 256, 16)
+    # the build reads the same file and leaves the train section to training
+    assert load_config(path).publish.name == "mt"
+
+
+def test_hub_ids_and_explicit_datasets_are_kept(tmp_path):
+    path = write(tmp_path, {"model": "haoranxu/ALMA-13B-Pretrain", "dataset": "s3://b/mt"},
+                 build=False)
+    config = load_train_config(path)
+    assert config.model == "haoranxu/ALMA-13B-Pretrain" and config.dataset == "s3://b/mt"
+
+
+@pytest.mark.parametrize(("train", "message"), [
+    ({"model": "m", "loss": "orpo", "loss_type": "hinge"},
+     r"train\.loss_type: 'hinge' is a cpo loss type; loss orpo has its own preference term"),
+    ({"model": "m", "loss": "dpo", "finetune": "full"},
+     r"train\.finetune: dpo needs lora: its reference model is the base model with the "
+     r"adapter switched off"),
+    ({"model": "m", "loss_type": "ipo", "label_smoothing": 0.1},
+     r"train\.label_smoothing: applies to loss_type sigmoid only"),
+    ({"model": "m", "max_prompt_length": 512},
+     r"train\.max_prompt_length: must be below max_length \(512\)"),
+    ({"model": "m", "lr_scheduler": "exponential"},
+     r"train\.lr_scheduler: 'exponential' is not one of linear, cosine, inverse_sqrt"),
+    ({"model": "m", "lora": {"rank": 0}}, r"train\.lora\.rank: must be at least 1"),
+    ({"model": "m", "eval": {"comet": {"name": "kiwi", "model": "x"}}},
+     r"train\.eval\.comet: scores test translations: give a test_set too"),
+    ({"model": "m", "learning_rate": 0}, r"train\.learning_rate: must be a positive number"),
+    ({"model": "m", "batch_sise": 4}, r"train\.batch_sise: unknown key"),
+    ({"loss": "cpo"}, r"train\.model: required key is missing"),
+])
+def test_bad_train_settings_name_the_key(tmp_path, train, message):
+    path = write(tmp_path, train)
+    with pytest.raises(ConfigError, match=rf"config\.yaml: {message}"):
+        load_train_config(path)
+
+
+def test_a_file_without_train_section_or_dataset_is_refused(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(BUILD))
+    with pytest.raises(ConfigError, match=r"config\.yaml: train: the file has no train section"):
+        load_train_config(path)
+    path = write(tmp_path, {"model": "m"}, build=False)
+    with pytest.raises(ConfigError, match=r"train\.dataset: name the dataset URI"):
+        load_train_config(path)
