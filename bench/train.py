@@ -310,6 +310,8 @@ def run_trl(args: argparse.Namespace, rows: list[dict], work: Path) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines()]
     with tempfile.TemporaryDirectory() as folder:
         run = run_ours if args.worker == "ours" else run_trl
@@ -345,7 +347,7 @@ def spawn(side: str, args: argparse.Namespace, model: Path, rows: Path, out: Pat
                "--rows", str(rows), "--out", str(out), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--device", args.device,
                "--precision", args.precision, "--seed", str(args.seed),
-               "--warm-up", str(args.warm_up)]
+               "--warm-up", str(args.warm_up), "--torch-threads", str(args.torch_threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stdout + done.stderr)
@@ -421,6 +423,8 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=1,
                         help="steps left out of the throughput window at the start")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="intra-op threads of each worker; 0: torch's default")
     parser.add_argument("--quiet-wait", type=float, default=120.0,
                         help="seconds to wait at most for an idle machine before each side")
     parser.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -464,7 +468,7 @@ def main() -> None:
         "precision": args.precision, "device": _device(args.device), "warm_up": args.warm_up,
         "runs": runs, "tokens_per_second_ratios": ratios, "peak_rss_ratios": rss,
         "goals": {"tokens_per_second_ratio": ">= 1.5", "peak_memory_ratio": "<= 1"},
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": args.torch_threads or torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
     }, indent=1))
 

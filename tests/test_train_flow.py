@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cpo_data import store
-from cpo_data.config import SourcesConfig
+from cpo_data.config import ScorerConfig, SourcesConfig
 from cpo_data.schema import SchemaError
-from cpo_data.testing import build_tiny_causal_lm, sample_triplets
+from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet, sample_triplets
 from tests.conftest import write_jsonl
 from training.config import EvalConfig, TrainConfig
 from training.loop import TrainingError
@@ -78,6 +78,8 @@ def test_an_empty_version_is_refused(tmp_path, model_dir):
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows, events):
+    import comet
+    import sacrebleu
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -87,12 +89,13 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
     second = store.publish_triplets(sample_triplets(rows_per_pair=6), str(tmp_path / "store"),
                                     "mt")
     test_set = write_jsonl(tmp_path / "test.jsonl", rows)
+    kiwi = str(build_tiny_comet(tmp_path / "kiwi"))
     config = TrainConfig(
         model=model_dir, dataset=dataset, output_dir=str(tmp_path / "runs"), max_steps=3,
         batch_size=2, eval=EvalConfig(
             held_out=2, test_set=SourcesConfig(path=str(test_set), src_lang_column="src_lang",
                                                tgt_lang_column="tgt_lang", ref_column="ref"),
-            max_new_tokens=6, compare_base=True))
+            max_new_tokens=6, compare_base=True, comet=ScorerConfig(name="kiwi", model=kiwi)))
 
     record = train_cpo(config)  # latest
     assert record["dataset_version"] == second and record["dataset_rows"] == 12
@@ -106,7 +109,20 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
     assert set(record["translation"]) == {"trained", "base"}
     for scores in record["translation"].values():
         assert {pair: s["rows"] for pair, s in scores.items()} == {"de-en": 2, "en-de": 1}
-        assert all(0 <= s["chrf"] <= 100 and 0 <= s["bleu"] <= 100 for s in scores.values())
+    # The scores are sacrebleu's and COMET's own numbers on the saved translations.
+    lines = [json.loads(x) for x in (run_dir / "test_translations.jsonl").read_text(
+        encoding="utf-8").splitlines()]
+    assert [x["src"] for x in lines] == [r["src"] for r in rows]
+    kiwi_model = comet.load_from_checkpoint(kiwi, local_files_only=True)
+    for name in ("trained", "base"):
+        for pair, scores in record["translation"][name].items():
+            mine = [x for x in lines if x["lang_pair"] == pair]
+            hypotheses, references = [x[name] for x in mine], [[x["ref"] for x in mine]]
+            assert scores["bleu"] == sacrebleu.corpus_bleu(hypotheses, references).score
+            assert scores["chrf"] == sacrebleu.corpus_chrf(hypotheses, references).score
+            theirs = kiwi_model.predict([{"src": x["src"], "mt": x[name]} for x in mine],
+                                        gpus=0, progress_bar=False).scores
+            assert scores["kiwi"] == pytest.approx(sum(theirs) / len(theirs), abs=1e-5)
 
     older = train_cpo(config, version=first)  # a named version trains in its own folder
     assert older["dataset_version"] == first and older["dataset_rows"] == 10

@@ -79,3 +79,15 @@ def test_a_file_without_train_section_or_dataset_is_refused(tmp_path):
     path = write(tmp_path, {"model": "m"}, build=False)
     with pytest.raises(ConfigError, match=r"train\.dataset: name the dataset URI"):
         load_train_config(path)
+
+
+def test_the_alma_r_config_states_the_papers_training_recipe():
+    from cpo_data.demo import REPO_ROOT
+
+    config = load_train_config(REPO_ROOT / "configs" / "alma-r.yaml")
+    assert config.dataset.endswith("/.cpo-data/store/alma-r")
+    assert (config.loss, config.beta, config.epochs, config.warmup_ratio) == ("cpo", 0.1, 1, 0.01)
+    assert (config.learning_rate, config.lr_scheduler) == (1e-4, "inverse_sqrt")
+    assert config.batch_size * config.gradient_accumulation_steps == 128
+    assert (config.max_length, config.max_prompt_length) == (512, 256)
+    assert config.lora.adapter == "haoranxu/ALMA-13B-LoRA"

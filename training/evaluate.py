@@ -7,8 +7,10 @@ corpus BLEU and chrF and, when configured, a COMET scorer from the scoring stage
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
+from pathlib import Path
 
 from cpo_data.config import GeneratorConfig
 from cpo_data.generate import Request
@@ -17,6 +19,8 @@ from cpo_data.sources import load_sources
 from training.config import TrainConfig
 
 log = logging.getLogger("cpo_data.training")
+
+TRANSLATIONS_FILE = "test_translations.jsonl"
 
 
 def _bleu_tokenizer(tgt_lang: str) -> str:
@@ -83,8 +87,9 @@ def load_test_rows(config: TrainConfig) -> list[dict]:
 
 
 def translation_quality(config: TrainConfig, model_dir: str) -> dict[str, dict]:
-    """Per language pair: rows, corpus BLEU and chrF (and COMET) of the trained model, plus
-    `base/...` scores of the untrained model when `eval.compare_base` is on."""
+    """Scores per model (`trained`, and `base` with `eval.compare_base`) and language pair:
+    rows, corpus BLEU and chrF (and COMET). The translations themselves go to
+    `test_translations.jsonl` beside the model folder, one line per test source."""
     rows = load_test_rows(config)
     requests = [Request(r["source_id"], r["src_lang"], r["tgt_lang"], r["src"]) for r in rows]
     if config.finetune == "lora":
@@ -92,9 +97,16 @@ def translation_quality(config: TrainConfig, model_dir: str) -> dict[str, dict]:
     else:
         trained = _generator_config(config, "trained", model_dir, None)
     log.info("translating %d test sources with the trained model", len(rows))
-    report = {"trained": _scores(config, rows, _translate(trained, requests))}
+    outputs = {"trained": _translate(trained, requests)}
     if config.eval.compare_base:
         base = _generator_config(config, "base", config.model, config.lora.adapter
                                  if config.finetune == "lora" else None)
-        report["base"] = _scores(config, rows, _translate(base, requests))
-    return report
+        outputs["base"] = _translate(base, requests)
+    lines = [{"source_id": r["source_id"], "lang_pair": f"{r['src_lang']}-{r['tgt_lang']}",
+              "src": r["src"], "ref": r["ref"], **{name: texts[i]
+                                                   for name, texts in outputs.items()}}
+             for i, r in enumerate(rows)]
+    path = Path(model_dir).parent / TRANSLATIONS_FILE
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
+                    encoding="utf-8")
+    return {name: _scores(config, rows, texts) for name, texts in outputs.items()}
