@@ -271,3 +271,27 @@ def test_gradient_checkpointing_gives_the_same_step(model_dir, triplets, tmp_pat
                     strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_a_finished_run_rerun_trains_nothing_and_keeps_one_closing_evaluation(
+        model_dir, triplets, tmp_path):
+    config = make_config(model_dir, max_steps=2, eval=EvalConfig(held_out=2))
+    first = train(config, triplets, tmp_path / "run", progress=False)
+    again = train(config, triplets, tmp_path / "run", progress=False)
+    assert again.resumed_from_step == 2 and again.eval_metrics == first.eval_metrics
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], "eval/loss" in x) for x in lines] == [(1, False), (2, False), (2, True)]
+
+
+def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapter_in_float32(
+        model_dir, triplets, tmp_path, monkeypatch):
+    """The GPU path (bf16 autocast), run on CPU, where torch autocasts to bf16 as well."""
+    models = capture_models(monkeypatch)
+    result = train(make_config(model_dir, precision="bf16", max_steps=2), triplets,
+                   tmp_path / "run", progress=False)
+    (model, initial), = models
+    dtypes = {("lora_" in n, p.dtype) for n, p in model.named_parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    assert math.isfinite(result.last_metrics["loss"])
+    assert any(not torch.equal(p, initial[n]) for n, p in model.named_parameters()
+               if "lora_B" in n)

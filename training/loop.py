@@ -226,13 +226,18 @@ def _resume_settings(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(settings))  # tuples as lists, as the saved JSON has them
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint a run resumes from."""
+def _keep_metrics_until(path: Path, step: int, total_steps: int) -> None:
+    """Drop metric lines written after the checkpoint a run resumes from (and the closing
+    evaluation, at the last step, which the resumed run writes again)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines()
-             if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        closing_eval = "eval/loss" in record and record["step"] == total_steps
+        if record["step"] <= step and not closing_eval:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
@@ -312,7 +317,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         start = ckpt.read_state(resume_from)["step"]
         log.info("resuming %s from step %d (%s)", run_dir, start, resume_from.name)
     metrics_path = run_dir / METRICS_FILE
-    _keep_metrics_until(metrics_path, start)
+    _keep_metrics_until(metrics_path, start, total_steps)
 
     trim = accepts_logits_to_keep(model)
     full_nll = nll_covers_prompt(config)
