@@ -3,15 +3,19 @@
 Same model, same triplets, same settings on both sides: CPO sigmoid, beta 0.1, cpo_alpha 1.0,
 LoRA rank 8 / alpha 16 / dropout 0 on q, k, v, o; `--batch-size` pairs per step, no
 accumulation, lr 1e-4 constant without warm-up, AdamW (fused on CUDA, as ours), gradient norm
-clipped to 1.0, max_length 512, no gradient checkpointing (TRL's default turns it on: turned
-off), no evaluation, no checkpoints during training (TRL: save_strategy no, report_to none).
+clipped to 1.0, max_length 512 (ours also max_prompt_length 256; TRL 1.16's CPO has no such
+setting, and no demo triplet comes near 512 tokens), no gradient checkpointing (TRL's default
+turns it on: turned off), no evaluation, no checkpoints during training (TRL: save_strategy no,
+report_to none), nothing printed per step.
 
 The triplets come from the demo corpus: the ALMA prompt over `src`, chosen and rejected the two
 systems' translations ordered by the human `delta`. Both sides see the same batches in the same
 order: TRL gets the rows in the order of our seeded step plan and reads them sequentially.
 
-Each side runs in its own fresh Python process (peak RSS, and on CUDA the peak of
-`torch.cuda.max_memory_allocated`), `--repeats` times, alternating which side goes first.
+Each side runs in its own fresh Python process (peak RSS read as VmHWM, and on CUDA the peak
+of `torch.cuda.max_memory_allocated`), `--repeats` times, alternating which side goes first.
+Before each process starts, the benchmark waits (up to `--quiet-wait` s) until the machine is
+idle, and it reports how many cores other processes used while each side ran.
 
 What is compared:
 - first-step loss: LoRA's B matrices start at zero, so it depends only on the base weights and
@@ -25,8 +29,9 @@ What is compared:
 The whole call (model loading, tokenization, training, and for ours the final saves) is
 reported too, but not as the throughput.
 
-    .venv/bin/python bench/train.py [--steps 30] [--hidden-size 256] [--layers 4] [--vocab N]
+    .venv/bin/python bench/train.py [--steps 30] [--hidden-size 256] [--layers 4] [--vocab 32000]
                                     [--preset tiny|1b] [--device auto|cpu|cuda] [--repeats 2]
+                                    [--torch-threads N] [--batch-size 4]
 
 `--preset 1b` builds a Llama-3.2-1B-shaped model with random weights (bf16, LoRA) for a GPU.
 """
@@ -89,7 +94,7 @@ def demo_triplets() -> list[dict]:
 def build_model(path: Path, args: argparse.Namespace) -> dict:
     """A Llama-architecture model with random weights and the tiny BPE tokenizer.
 
-    Without `--vocab` and the preset this is `build_tiny_causal_lm`. With them the embedding and
+    With `--vocab 0` and no preset this is `build_tiny_causal_lm`. Otherwise the embedding and
     LM head get the larger vocabulary while the tokenizer stays the tiny one: its ids (a few
     hundred) are valid rows, so every forward pass pays for the full-size LM head and softmax,
     which is what matters for speed and memory; only the token count per sentence differs from
@@ -98,7 +103,7 @@ def build_model(path: Path, args: argparse.Namespace) -> dict:
 
     from cpo_data.testing import build_tiny_causal_lm, train_tokenizer
 
-    if args.preset == "tiny" and args.vocab is None:
+    if args.preset == "tiny" and not args.vocab:
         build_tiny_causal_lm(path, seed=args.seed, hidden_size=args.hidden_size,
                              layers=args.layers)
         model = LlamaForCausalLM.from_pretrained(path)
@@ -112,7 +117,7 @@ def build_model(path: Path, args: argparse.Namespace) -> dict:
                      "num_attention_heads": 4, "num_key_value_heads": 2,
                      "intermediate_size": args.hidden_size * 2, "tie_word_embeddings": False,
                      "max_position_embeddings": MAX_LENGTH}
-        if args.vocab is not None:
+        if args.vocab:
             shape["vocab_size"] = args.vocab
         shape.setdefault("vocab_size", len(tokenizer))
         if shape["vocab_size"] < len(tokenizer):
@@ -136,7 +141,17 @@ def build_model(path: Path, args: argparse.Namespace) -> dict:
 
 # ---- one side, in its own process ---------------------------------------------------------------
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident set, in MiB.
+
+    Not `getrusage(...).ru_maxrss`: on Linux a child process starts with its parent's maximum
+    (it survives fork and exec), so a worker started by a parent that built a model would
+    report the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -166,7 +181,7 @@ def run_ours(args: argparse.Namespace, rows: list[dict], work: Path) -> dict:
     from training.config import EvalConfig, LoraSettings, TrainConfig
     from training.loop import train
 
-    after_imports = _rss_mb()
+    after_imports = _rss_mb("VmRSS")
     device = _device(args.device)
     config = TrainConfig(
         model=args.model, loss="cpo", loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA,
@@ -186,13 +201,18 @@ def run_ours(args: argparse.Namespace, rows: list[dict], work: Path) -> dict:
     train(config, rows, work / "run", on_step=on_step, progress=False)
     whole = time.perf_counter() - started
     lines = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
-    first = lines[0]
+    first, window = lines[0], lines[args.warm_up: len(lines) - 1]
     return {
         "first_step": {k: first[k] for k in ("loss", "nll_loss", "logps/chosen",
                                              "logps/rejected", "rewards/margins")},
         "losses": [line["loss"] for line in lines],
         "tokens": [line["tokens"] for line in lines],
         **_window(ends, [line["tokens"] for line in lines], args.warm_up),
+        # The loop's own figure over the same steps: its step clock stops before the metrics
+        # line is written and the callback runs.
+        "loop_reported_tokens_per_second": round(
+            sum(line["tokens"] for line in window)
+            / sum(line["tokens"] / line["tokens_per_second"] for line in window), 1),
         "whole_call_s": round(whole, 3),
         "after_last_step_s": round(started + whole - ends[-1], 3),
         "rss_after_imports_mb": round(after_imports, 1),
@@ -210,7 +230,7 @@ def run_trl(args: argparse.Namespace, rows: list[dict], work: Path) -> dict:
     from training.data import tokenize_triplets
     from training.loop import step_plan
 
-    after_imports = _rss_mb()
+    after_imports = _rss_mb("VmRSS")
     device = _device(args.device)
     # Our loop's batches, in its order: TRL reads them front to back.
     plan, _ = step_plan(len(rows), args.batch_size, 1, 1, args.steps, args.seed)
@@ -305,6 +325,7 @@ def run_trl(args: argparse.Namespace, rows: list[dict], work: Path) -> dict:
         **_window(recorder.ends, tokens, args.warm_up),
         "whole_call_s": round(whole, 3),
         "token_ids_differ": len(differ), "token_ids_differ_first": differ[:5],
+        "longest_sequence_tokens": max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in ours),
         "rss_after_imports_mb": round(after_imports, 1),
     }
 
@@ -365,12 +386,14 @@ def spawn(side: str, args: argparse.Namespace, model: Path, rows: Path, out: Pat
     return result
 
 
-def compare(ours: dict, trl: dict) -> dict:
+def compare(ours: dict, trl: dict, precision: str) -> dict:
     mine, theirs = ours["first_step"]["loss"], trl["first_step"]["loss"]
+    relative = abs(mine - theirs) / abs(theirs)
     compared = {
         "first_loss_ours": mine, "first_loss_trl": theirs,
-        "first_loss_abs_diff": abs(mine - theirs),
-        "first_loss_rel_diff": abs(mine - theirs) / abs(theirs),
+        "first_loss_abs_diff": abs(mine - theirs), "first_loss_rel_diff": relative,
+        # float32 rounding of different reduction orders, or bf16's ~3 significant digits
+        "first_loss_agrees": relative < (1e-5 if precision == "fp32" else 1e-2),
         "max_abs_loss_diff_all_steps": max(abs(a - b) for a, b in
                                            zip(ours["losses"], trl["losses"], strict=True)),
         "same_tokens_every_step": ours["tokens"] == trl["tokens"],
@@ -410,13 +433,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=None,
-                        help="model vocabulary (default: the tiny tokenizer's own size)")
+    parser.add_argument("--hidden-size", type=int, default=256, help="tiny model width")
+    parser.add_argument("--layers", type=int, default=4, help="tiny model depth")
+    # Llama 2's vocabulary (so ALMA's) by default: with the tiny tokenizer's 600 rows the
+    # output layer, where the two loops differ, is a rounding error of the step.
+    parser.add_argument("--vocab", type=int, default=32000,
+                        help="model vocabulary rows (0: the tiny tokenizer's own size)")
     parser.add_argument("--preset", choices=("tiny", "1b"), default="tiny",
                         help="1b: Llama-3.2-1B shape, random weights (for a GPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="cuda: the first visible GPU (pick it with CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: fp32, bf16 for --preset 1b")
     parser.add_argument("--repeats", type=int, default=2)
@@ -453,7 +479,7 @@ def main() -> None:
             for side in order:
                 run[side] = spawn(side, args, folder / "model", rows_path,
                                   folder / f"{side}-{number}.json")
-            run["compare"] = compare(run["ours"], run["trl"])
+            run["compare"] = compare(run["ours"], run["trl"], args.precision)
             runs.append(run)
 
     print(table(runs), file=sys.stderr)

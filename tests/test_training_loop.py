@@ -295,3 +295,20 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapter_in_float32(
     assert math.isfinite(result.last_metrics["loss"])
     assert any(not torch.equal(p, initial[n]) for n, p in model.named_parameters()
                if "lora_B" in n)
+
+
+@pytest.mark.parametrize(("schedule", "after_warm_up"), [
+    # lr multiplier at 0-based step k after 2 warm-up steps of 8 (transformers' formulas)
+    ("linear", lambda k: (8 - k) / 6),
+    ("cosine", lambda k: 0.5 * (1 + math.cos(math.pi * (k - 2) / 6))),
+    ("inverse_sqrt", lambda k: math.sqrt(2 / k)),
+    ("constant", lambda k: 1.0),
+])
+def test_learning_rate_warms_up_then_follows_the_schedule(model_dir, triplets, tmp_path,
+                                                          schedule, after_warm_up):
+    config = make_config(model_dir, max_steps=8, lr_scheduler=schedule, warmup_ratio=0.25,
+                         learning_rate=1e-3)
+    train(config, triplets, tmp_path / "run", progress=False)
+    rates = [m["learning_rate"] for m in step_metrics(tmp_path / "run")]
+    expected = [0.0, 0.5e-3] + [1e-3 * after_warm_up(k) for k in range(2, 8)]
+    assert rates == pytest.approx(expected, abs=1e-12)

@@ -191,9 +191,17 @@ def load_model(config: TrainConfig, device: torch.device, half: torch.dtype | No
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """GPU: the peak of torch's allocations. CPU: this process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # Not getrusage's ru_maxrss: a child process inherits its parent's, so a run started from
+    # a large process would report the parent's peak.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
@@ -223,6 +231,7 @@ def _resume_settings(config: TrainConfig) -> dict[str, Any]:
     settings = dataclasses.asdict(config)
     for key in _RESUME_FREE:
         settings.pop(key)
+    settings["eval.held_out"] = config.eval.held_out  # decides which triplets train
     return json.loads(json.dumps(settings))  # tuples as lists, as the saved JSON has them
 
 
@@ -308,7 +317,9 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
                                       config.gradient_accumulation_steps, config.epochs,
                                       config.max_steps, config.seed)
     total_steps = len(plan)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer,
+    # transformers' "constant" ignores the warm-up; ours warms up like the others.
+    schedule = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
+    scheduler = get_scheduler(schedule, optimizer,
                               num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     start = 0

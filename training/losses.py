@@ -44,14 +44,16 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor,
     `logits[b, t]` predicts token `t + 1`, so labels are shifted by one; positions labelled
     `ignore_index` (prompt and padding) get 0 and mask False.
     """
-    logits = logits[:, :-1, :]
-    labels = labels[:, 1:]
-    mask = labels != ignore_index
+    # Shift the labels, not the logits: a sliced logits tensor is not contiguous, and
+    # flattening it would copy the largest tensor of the step.
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)],
+                        dim=1)
     # Fused log-softmax + gather in float32: bf16 log-probabilities of long sequences lose
     # whole nats, and the fused kernel keeps no second vocabulary-sized copy for the gather.
-    logps = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+    logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                              ignore_index=ignore_index, reduction="none")
-    return logps.view(labels.shape), mask
+    # The last position predicts nothing; drop it (a view, no copy).
+    return logps.view(targets.shape)[:, :-1], (targets != ignore_index)[:, :-1]
 
 
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor,
