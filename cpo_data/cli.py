@@ -59,6 +59,13 @@ def print_inspect(uri: str, version: str = "latest", name: str | None = None,
     if "source_fingerprint" in provenance:
         print(f"sources   fingerprint {provenance['source_fingerprint'][:16]}, "
               f"files {', '.join(provenance.get('source_files', []))}")
+    runs = store.list_runs(uri, manifest["version"], name=name)
+    print(f"trained   {len(runs)} run(s) on this version" + (":" if runs else ""))
+    for run in runs:
+        held_out = run["eval"].get("eval/rewards/accuracies")
+        print(f"  {run['created_at'][:19]}  {run['model_dir']}  {run['loss']}/{run['finetune']}"
+              f", {run['steps']} steps, loss {run['metrics'].get('loss', float('nan')):.4f}"
+              + (f", held-out accuracy {held_out:.2f}" if held_out is not None else ""))
     frame = store.read_triplets(uri, manifest["version"], name=name)
     if rows > 0:
         print(f"\nfirst {min(rows, len(frame))} row(s) of each language pair:")
@@ -78,8 +85,41 @@ def _cmd_versions(args: argparse.Namespace) -> None:
     print_versions(args.uri, args.name)
 
 
+def _run_manifest(path: str) -> Path | None:
+    """The run manifest of a training run folder, or of the model folder inside one."""
+    for folder in (Path(path), Path(path).parent):
+        if (folder / "run_manifest.json").is_file():
+            return folder / "run_manifest.json"
+    return None
+
+
+def print_run_lineage(manifest_path: Path) -> dict:
+    """What produced a trained model: dataset version, sources, configs, results."""
+    record = json.loads(manifest_path.read_text())
+    print(f"run       {manifest_path.parent}")
+    print(f"model     {record['model_dir']} ({record['finetune']} of {record['model']}, "
+          f"{record['loss']}, {record['steps']} steps)")
+    print(f"dataset   {record['dataset_uri']} version {record['dataset_version']} "
+          f"({record['dataset_rows']} triplets)")
+    print(f"sources   fingerprint {(record['source_fingerprint'] or 'unknown')[:16]}")
+    print(f"configs   train: \"config\" in {manifest_path}; build: the version's manifest "
+          f"(cpo-data inspect {record['dataset_uri']} --version {record['dataset_version']})")
+    metrics = record["metrics"]
+    if metrics:
+        print(f"last step loss {metrics['loss']:.4f}, reward accuracy "
+              f"{metrics['rewards/accuracies']:.2f}, margin {metrics['rewards/margins']:.4f}")
+    if record["eval"]:
+        print(f"held-out  loss {record['eval']['eval/loss']:.4f}, accuracy "
+              f"{record['eval']['eval/rewards/accuracies']:.2f}")
+    return record
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    print_inspect(args.uri, args.version, args.name, args.rows)
+    run_manifest = _run_manifest(args.uri) if "://" not in args.uri else None
+    if run_manifest is not None:
+        print_run_lineage(run_manifest)
+    else:
+        print_inspect(args.uri, args.version, args.name, args.rows)
 
 
 def print_build_summary(summary: dict, rows: int) -> None:
@@ -203,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_argument("--name", help="dataset name inside the store at URI")
     versions.set_defaults(run=_cmd_versions)
 
-    inspect = commands.add_parser("inspect", help="versions, counts and a few rows")
-    inspect.add_argument("uri", help="dataset URI ({store}/{name}), or the store with --name")
+    inspect = commands.add_parser("inspect", help="versions, counts, a few rows and the runs "
+                                  "trained on them; or, for a training run, what produced it")
+    inspect.add_argument("uri", help="dataset URI ({store}/{name}), the store with --name, or "
+                         "a training run's folder (or its final/ model)")
     inspect.add_argument("--version", default="latest", help="version id (default: latest)")
     inspect.add_argument("--name", help="dataset name inside the store at URI")
     inspect.add_argument("--rows", type=int, default=3, help="rows to show per language pair")

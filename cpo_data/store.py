@@ -5,6 +5,7 @@ Layout of one dataset (`{store}/{name}`):
     {version}/_manifest.json             written last: counts, schema version, sha256, provenance
     {version}/de-en/part-00000.parquet   one folder per language pair, `lang_pair` kept in rows
     {version}/__dropped__/part-00000.parquet   what selection left out, with reasons
+    _runs/{version}/{run id}.json        training runs that used the version (lineage)
 
 Why these names: pyarrow skips files starting with `_` or `.`, and `datasets` skips folders
 starting with `__`, so `pd.read_parquet(version_dir)` and `load_dataset(version_dir)` see the
@@ -38,6 +39,7 @@ from cpo_data import schema
 
 MANIFEST = "_manifest.json"
 DROPPED_DIR = "__dropped__"
+RUNS_DIR = "_runs"
 FORMAT = "cpo-data/triplets"
 _LANG_PAIR = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
 
@@ -265,3 +267,33 @@ def read_triplets(uri: str, version: str = "latest", *, name: str | None = None,
 def read_dropped(uri: str, version: str = "latest", *, name: str | None = None) -> pd.DataFrame:
     """What selection left out of one version, with a reason per row."""
     return _read_files(uri, version, name, "dropped_files", schema.DROPPED, False).to_pandas()
+
+
+def register_run(uri: str, version: str, run: dict[str, Any]) -> str:
+    """Record beside a version that a training run used it; `run` needs `run_dir`.
+
+    The version's own folder stays untouched (versions are immutable): runs go to
+    `_runs/{version}/`, one small JSON file per run folder, rewritten when the run is."""
+    fs, path, uri = _dataset_dir(uri, None)
+    version = resolve_version(uri, version)
+    run_id = hashlib.sha256(run["run_dir"].encode()).hexdigest()[:16]
+    target = posixpath.join(path, RUNS_DIR, version, f"{run_id}.json")
+    fs.makedirs(posixpath.dirname(target), exist_ok=True)
+    fs.pipe_file(target, json.dumps(run, indent=2).encode())
+    return target
+
+
+def list_runs(uri: str, version: str = "latest", *, name: str | None = None) -> list[dict]:
+    """The training runs recorded for one version, oldest first."""
+    version = resolve_version(uri, version, name=name)
+    fs, path, uri = _dataset_dir(uri, name)
+    folder = posixpath.join(path, RUNS_DIR, version)
+    if not fs.exists(folder):
+        return []
+    runs = []
+    for entry in fs.ls(folder, detail=False):
+        try:
+            runs.append(json.loads(fs.cat_file(entry)))
+        except ValueError:  # a record cut short by a crash; the run folder still has it
+            continue
+    return sorted(runs, key=lambda r: r.get("created_at", ""))

@@ -26,7 +26,8 @@ def model_dir(tmp_path_factory):
 
 def publish(folder: Path) -> tuple[str, str]:
     uri = str(folder / "store")
-    version = store.publish_triplets(sample_triplets(rows_per_pair=5), uri, "mt")
+    version = store.publish_triplets(sample_triplets(rows_per_pair=5), uri, "mt",
+                                     provenance={"source_fingerprint": "f1" * 32})
     return store.dataset_uri(uri, "mt"), version
 
 
@@ -77,7 +78,8 @@ def test_an_empty_version_is_refused(tmp_path, model_dir):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
-def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows, events):
+def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows, events,
+                                                       capsys):
     import comet
     import sacrebleu
     from prefect.client.orchestration import get_client
@@ -87,7 +89,7 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
 
     dataset, first = publish(tmp_path)
     second = store.publish_triplets(sample_triplets(rows_per_pair=6), str(tmp_path / "store"),
-                                    "mt")
+                                    "mt", provenance={"source_fingerprint": "f2" * 32})
     test_set = write_jsonl(tmp_path / "test.jsonl", rows)
     kiwi = str(build_tiny_comet(tmp_path / "kiwi"))
     config = TrainConfig(
@@ -127,6 +129,22 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
     older = train_cpo(config, version=first)  # a named version trains in its own folder
     assert older["dataset_version"] == first and older["dataset_rows"] == 10
     assert (tmp_path / "runs" / first / "final" / "adapter_model.safetensors").exists()
+
+    # Lineage both ways: from the model to its dataset version, from a version to its runs.
+    from cpo_data.cli import main
+
+    (run,) = store.list_runs(dataset, second)
+    assert run["model_dir"] == record["model_dir"] and run["steps"] == 3
+    assert [r["model_dir"] for r in store.list_runs(dataset, first)] == [older["model_dir"]]
+    capsys.readouterr()
+    assert main(["inspect", record["model_dir"]]) == 0
+    out = capsys.readouterr().out
+    assert f"dataset   {dataset} version {second} (12 triplets)" in out
+    assert f"sources   fingerprint {'f2' * 8}" in out
+    assert record["source_fingerprint"] == "f2" * 32
+    assert main(["inspect", dataset, "--version", second, "--rows", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "trained   1 run(s) on this version:" in out and record["model_dir"] in out
 
     completed = [e for e in events() if e.event == COMPLETED_EVENT]
     assert [e.payload["version"] for e in completed] == [second, first]

@@ -79,6 +79,11 @@ def write_run_manifest(config: TrainConfig, manifest: dict, result: TrainResult,
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(record, indent=2))
     partial.replace(path)
+    # And the other direction of the lineage: from the version to the runs trained on it.
+    store.register_run(config.dataset, manifest["version"], {
+        key: record[key] for key in ("created_at", "model", "model_dir", "finetune", "loss",
+                                     "steps", "metrics", "eval")} | {
+        "run_dir": result.run_dir, "run_manifest": str(path)})
     return record
 
 
