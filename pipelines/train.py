@@ -5,8 +5,9 @@
     record = train_cpo("configs/demo.yaml", version="20261122T101500-1a2b3c")
 
 The stages are plain functions in `training/run.py`; this module only wires them as tasks.
-Training is not cached: a rerun of the same version continues from the run folder's newest
-checkpoint (`train.resume`), so a crashed or cancelled run loses at most `save_steps` steps.
+No task is cached (nor are its inputs hashed, which for a large version would cost time): a
+rerun of the same version continues from the run folder's newest checkpoint (`train.resume`),
+so a crashed or cancelled run loses at most `save_steps` steps.
 On success the flow creates a metrics artifact and emits `cpo_data.training.completed`.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from pipelines.build import artifact_key
@@ -28,7 +30,7 @@ _LOGGED = ("loss", "nll_loss", "rewards/accuracies", "rewards/margins", "learnin
            "tokens_per_second")
 
 
-@task(name="load-triplets")
+@task(name="load-triplets", cache_policy=NO_CACHE)
 def load_triplets(config: TrainConfig, version: str | None) -> tuple[dict, list[dict]]:
     manifest, rows = stages.load_dataset(config, version)
     get_run_logger().info("%s version %s: %d triplets", config.dataset, manifest["version"],
@@ -36,7 +38,7 @@ def load_triplets(config: TrainConfig, version: str | None) -> tuple[dict, list[
     return manifest, rows
 
 
-@task(name="train")
+@task(name="train", cache_policy=NO_CACHE)
 def train_model(config: TrainConfig, manifest: dict, rows: list[dict]) -> TrainResult:
     logger = get_run_logger()
 
@@ -52,14 +54,14 @@ def train_model(config: TrainConfig, manifest: dict, rows: list[dict]) -> TrainR
     return result
 
 
-@task(name="evaluate-translations")
+@task(name="evaluate-translations", cache_policy=NO_CACHE)
 def evaluate_translations(config: TrainConfig, model_dir: str) -> dict:
     from training.evaluate import translation_quality
 
     return translation_quality(config, model_dir)
 
 
-@task(name="write-run-manifest")
+@task(name="write-run-manifest", cache_policy=NO_CACHE)
 def write_run_manifest(config: TrainConfig, manifest: dict, result: TrainResult,
                        translation: dict | None) -> dict:
     return stages.write_run_manifest(config, manifest, result, translation)
