@@ -27,6 +27,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def processes_with_env(entry: str) -> list[str]:
+    """Process ids whose environment holds `entry` (e.g. `PREFECT_HOME=/tmp/x`)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry.encode() in environ.read_bytes():
+                found.append(environ.parent.name)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 @pytest.fixture
 def rows() -> list[dict]:
     """Three labelled rows in two directions, in the demo corpus's layout."""

@@ -14,6 +14,7 @@ from cpo_data import build, store
 from cpo_data.config import ConfigError, load_config
 from cpo_data.demo import REPO_ROOT
 from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet
+from tests.conftest import processes_with_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -164,3 +165,44 @@ def test_only_transient_failures_are_retried(error, retried):
             raise error
 
     assert _retry_transient(None, None, FailedState()) is retried
+
+
+def test_a_build_killed_midway_resumes_from_its_finished_shards_and_publishes_once(
+        tmp_path, models):
+    """SIGKILL to the whole process group (the build and the Prefect server it started), after
+    some shards have stored their results; the rerun reuses them and publishes one version."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from pipelines.build import build_triplets
+
+    config = write_config(tmp_path, models, DEMO_ROWS[:80])  # 10 shards of 8
+    results = tmp_path / "work" / "task-results"
+    exe = shutil.which("cpo-data") or str(REPO_ROOT / ".venv/bin/cpo-data")
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    build_process = subprocess.Popen([exe, "build", str(config)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+    deadline = time.monotonic() + 180
+    try:
+        # Two shards' generate and score results stored: kill in the middle of the build.
+        while not (results.is_dir() and len(list(results.iterdir())) >= 4):
+            assert build_process.poll() is None, "the build ended before it could be killed"
+            assert time.monotonic() < deadline, "no shard finished within 180 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(build_process.pid, signal.SIGKILL)
+        build_process.wait()
+    assert processes_with_env(f"PREFECT_HOME={tmp_path / 'prefect-home'}") == []
+    finished = len(list(results.iterdir())) // 2
+    assert not list(tmp_path.rglob("_manifest.json"))  # nothing published by the killed run
+
+    summary = build_triplets(str(config), retries=0)
+    assert summary["shards"] == 10
+    assert finished <= summary["shards_reused"] < 10
+    assert summary["generated"]["tiny"] <= 80 - 8 * finished
+    assert len(store.list_versions(str(tmp_path / "store"), name="flowtest")) == 1

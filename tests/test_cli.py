@@ -9,6 +9,7 @@ import pytest
 from cpo_data import store
 from cpo_data.cli import main
 from cpo_data.testing import sample_triplets
+from tests.conftest import processes_with_env
 
 
 @pytest.mark.slow
@@ -82,11 +83,4 @@ def test_console_script_runs_the_demo_and_leaves_no_server_behind(tmp_path):
     assert "pd.read_parquet(" in result.stdout and "==> trained 120 steps" in result.stdout
     assert "Error logging to API" not in result.stderr
     # Prefect's temporary server was started under this PREFECT_HOME; none may outlive us.
-    leftovers = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if f"PREFECT_HOME={home}".encode() in environ.read_bytes():
-                leftovers.append(environ.parent.name)
-        except OSError:
-            continue
-    assert leftovers == []
+    assert processes_with_env(f"PREFECT_HOME={home}") == []
