@@ -144,6 +144,12 @@ class BuildSummary:
     """Where sources carry human labels: how often the ranking score agrees."""
     score_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per score column: count, mean, min, max over scored candidates; and the margins."""
+    previous_version: str | None = None
+    """The dataset's newest version before this build, if any."""
+    sources_new: int = 0
+    """Sources that the previous version did not hold (all of them on a first build)."""
+    sources_reused: int = 0
+    """Sources the previous version held already (as a triplet or a dropped row)."""
 
 
 @dataclass
@@ -214,6 +220,22 @@ def _stats(values: list[float]) -> dict[str, float]:
             "max": max(values)}
 
 
+def _compare_with_previous(summary: BuildSummary, run: BuildRun) -> None:
+    """How many of this build's sources are new since the dataset's newest version."""
+    ids = set(run.loaded.table.column("source_id").to_pylist())
+    dataset = store.dataset_uri(run.config.publish.uri, run.config.publish.name)
+    try:
+        previous = store.read_manifest(dataset)["version"]
+    except store.StoreError:  # a first build: no dataset or no version yet
+        summary.sources_new = len(ids)
+        return
+    before = set(store.read_triplets_table(dataset, previous).column("source_id").to_pylist())
+    before |= set(store.read_dropped(dataset, previous)["source_id"])
+    summary.previous_version = previous
+    summary.sources_new = len(ids - before)
+    summary.sources_reused = len(ids & before)
+
+
 def select_and_publish(run: BuildRun) -> BuildSummary:
     """Pick pairs over every shard's candidates and scores, publish one version, fill the
     summary. Called only once every shard finished, so nothing half-built is published."""
@@ -233,6 +255,7 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
         "generators": run.weights["generate"],
         "scorers": run.weights["score"],
     }
+    _compare_with_previous(summary, run)
     summary.version = store.publish_triplets(selection.triplets, config.publish.uri,
                                              config.publish.name, provenance, dropped=dropped)
     summary.triplets = selection.triplets.num_rows

@@ -127,6 +127,9 @@ def print_build_summary(summary: dict, rows: int) -> None:
     print()
     print(f"==> published {summary['triplets']} triplets from {summary['sources']} sources "
           f"({summary['candidates']} candidates), version {summary['version']}")
+    if summary["previous_version"]:
+        print(f"sources         {summary['sources_new']} new since version "
+              f"{summary['previous_version']}, {summary['sources_reused']} already in it")
     print(f"language pairs  {_counts(summary['lang_pairs'])}")
     print(f"dropped         {_counts(summary['dropped'])}")
     print(f"shards          {summary['shards']} ({summary['shards_reused']} reused from an "

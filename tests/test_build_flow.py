@@ -106,6 +106,8 @@ def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_p
     config = write_config(tmp_path, models, DEMO_ROWS[:40])
     first = build_triplets(str(config), retries=0)
     assert first["generated"] == {"tiny": 40} and first["scored"]["kiwi"] > 0
+    assert (first["previous_version"], first["sources_new"], first["sources_reused"]) == (
+        None, 40, 0)
 
     again = build_triplets(str(config), retries=0)
     assert again["generated"] == {} and again["scored"] == {}
@@ -121,6 +123,8 @@ def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_p
     assert more["scored"] == {"kiwi": new_candidates.table.num_rows,
                               "chrf": new_candidates.table.num_rows}
     assert more["shards_reused"] == 5  # the 40 old sources' shards were untouched
+    assert (more["previous_version"], more["sources_new"], more["sources_reused"]) == (
+        again["version"], 4, 40)
     versions = store.list_versions(str(tmp_path / "store"), name="flowtest")
     assert len(versions) == 3 and versions[-1]["rows"] == more["triplets"]
 
