@@ -38,6 +38,13 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         _fail(key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+def _check_at_least(config: Any, minimum: int, *keys: str) -> None:
+    """Each named integer field is at least `minimum` (0: a count, 1: a size)."""
+    for key in keys:
+        if getattr(config, key) < minimum:
+            _fail(key, "must be 0 or more" if minimum == 0 else f"must be at least {minimum}")
+
+
 def _check_device(key: str, device: str) -> None:
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         _fail(key, f"{device!r} is not auto, cpu, cuda or cuda:N")
@@ -172,8 +179,8 @@ class GeneratorConfig:
         _check_choice("language_tokens", self.language_tokens, LANGUAGE_TOKENS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_device("device", self.device)
-        if self.num_candidates < 1:
-            _fail("num_candidates", "must be at least 1")
+        _check_at_least(self, 1, "num_candidates", "max_new_tokens", "max_source_tokens",
+                        "token_budget", "max_batch_size")
         if self.strategy == "greedy" and self.num_candidates != 1:
             _fail("num_candidates", "greedy decoding gives one candidate; use beam or sample")
         if self.strategy == "beam" and self.num_candidates > self.num_beams:
@@ -182,9 +189,6 @@ class GeneratorConfig:
             _fail("temperature", "must be positive")
         if not 0 < self.top_p <= 1:
             _fail("top_p", "must be in (0, 1]")
-        for key in ("max_new_tokens", "max_source_tokens", "token_budget", "max_batch_size"):
-            if getattr(self, key) < 1:
-                _fail(key, "must be at least 1")
         if "{src}" not in self.prompt_template:
             _fail("prompt_template", "must contain {src}")
 
@@ -252,9 +256,7 @@ class ScorerConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_device("device", self.device)
         _check_choice("bleu_tokenize", self.bleu_tokenize, BLEU_TOKENIZERS)
-        for key in ("token_budget", "max_batch_size"):
-            if getattr(self, key) < 1:
-                _fail(key, "must be at least 1")
+        _check_at_least(self, 1, "token_budget", "max_batch_size")
 
     @property
     def needs_reference(self) -> bool:
@@ -339,8 +341,7 @@ class SelectConfig:
             _fail("prompt_template", f"cannot be filled: {error!r}")
         if self.min_margin < 0 or not math.isfinite(self.min_margin):
             _fail("min_margin", f"must be a finite number >= 0, got {self.min_margin}")
-        if self.pairs_per_source < 1:
-            _fail("pairs_per_source", "must be at least 1")
+        _check_at_least(self, 1, "pairs_per_source")
 
 
 @dataclass(frozen=True)
@@ -381,8 +382,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if not self.sources:
             _fail("sources", "list at least one source file")
-        if self.shard_size < 1:
-            _fail("shard_size", "must be at least 1")
+        _check_at_least(self, 1, "shard_size")
         scorers = [s.name for s in self.score.scorers]
         ensembles = [e.name for e in self.score.ensembles]
         if self.select.rank_by is not None and self.select.rank_by not in scorers + ensembles:
@@ -477,17 +477,22 @@ def _resolve_model(model: str | None, base: Path) -> str | None:
     return _resolve_path(model, base) if model and model.startswith(".") else model
 
 
-def load_config(path: str | Path) -> BuildConfig:
-    """Read and validate a build YAML; relative paths resolve against its folder."""
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file; a missing file or bad YAML is a `ConfigError` naming it."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def load_config(path: str | Path) -> BuildConfig:
+    """Read and validate a build YAML; relative paths resolve against its folder."""
+    path = Path(path)
+    data = read_yaml(path)
     if isinstance(data, dict):
         # The training run's section lives in the same file; training.config reads it.
         data = {key: value for key, value in data.items() if key != "train"}
@@ -501,7 +506,8 @@ def load_config(path: str | Path) -> BuildConfig:
     )
     publish = dataclasses.replace(config.publish, uri=_resolve_path(config.publish.uri, base))
     generate = config.generate
-    models = tuple(dataclasses.replace(m, model=_resolve_model(m.model, base))
+    models = tuple(dataclasses.replace(m, model=_resolve_model(m.model, base),
+                                       adapter=_resolve_model(m.adapter, base))
                    for m in generate.models)
     cache_dir = _resolve_path(generate.cache_dir, base) if generate.cache_dir else None
     generate = dataclasses.replace(generate, models=models, cache_dir=cache_dir)

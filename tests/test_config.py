@@ -38,6 +38,16 @@ def test_good_config_loads_and_resolves_relative_paths(tmp_path):
     assert config.select.prompt_template == ALMA_PROMPT
 
 
+def test_model_and_adapter_folders_resolve_but_hub_ids_stay(tmp_path):
+    text = GOOD + ("generate:\n  models:\n    - {name: local, model: ./models/base, "
+                   "adapter: ./adapters/lora}\n    - {name: hub, model: org/base, "
+                   "adapter: org/lora}\n")
+    local, hub = load_config(_write(tmp_path, text)).generate.models
+    assert (local.model, local.adapter) == (str(tmp_path / "models" / "base"),
+                                            str(tmp_path / "adapters" / "lora"))
+    assert (hub.model, hub.adapter) == ("org/base", "org/lora")
+
+
 def test_demo_config_loads():
     config = load_config(REPO_ROOT / "configs" / "demo.yaml")
     assert config.sources[0].label_positive == "system_a"

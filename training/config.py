@@ -12,19 +12,19 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from cpo_data.config import (
     ALMA_PROMPT,
     ConfigError,
     ScorerConfig,
     SourcesConfig,
+    _check_at_least,
     _check_choice,
     _check_device,
     _fail,
     _resolve_model,
     _resolve_path,
     from_dict,
+    read_yaml,
 )
 from cpo_data.store import dataset_uri
 from training.losses import CPO_LOSS_TYPES
@@ -53,10 +53,7 @@ class LoraSettings:
     ALMA-13B-LoRA; its own rank and targets then apply."""
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            _fail("rank", "must be at least 1")
-        if self.alpha < 1:
-            _fail("alpha", "must be at least 1")
+        _check_at_least(self, 1, "rank", "alpha")
         if not 0 <= self.dropout < 1:
             _fail("dropout", "must be in [0, 1)")
 
@@ -86,12 +83,8 @@ class EvalConfig:
     """Also translate the test set with the untrained model, to report the change."""
 
     def __post_init__(self) -> None:
-        for key in ("held_out", "every_steps"):
-            if getattr(self, key) < 0:
-                _fail(key, "must be 0 or more")
-        for key in ("batch_size", "test_rows", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                _fail(key, "must be at least 1")
+        _check_at_least(self, 0, "held_out", "every_steps")
+        _check_at_least(self, 1, "batch_size", "test_rows", "max_new_tokens")
         if self.comet is not None and self.test_set is None:
             _fail("comet", "scores test translations: give a test_set too")
         if self.compare_base and self.test_set is None:
@@ -200,13 +193,9 @@ class TrainConfig:
             _fail("label_smoothing", "applies to loss_type sigmoid only")
         if not 0 <= self.warmup_ratio < 1:
             _fail("warmup_ratio", "must be in [0, 1)")
-        for key in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length",
-                    "max_prompt_length", "save_total_limit"):
-            if getattr(self, key) < 1:
-                _fail(key, "must be at least 1")
-        for key in ("max_steps", "save_steps"):
-            if getattr(self, key) < 0:
-                _fail(key, "must be 0 or more")
+        _check_at_least(self, 1, "epochs", "batch_size", "gradient_accumulation_steps",
+                        "max_length", "max_prompt_length", "save_total_limit")
+        _check_at_least(self, 0, "max_steps", "save_steps")
         if self.max_prompt_length >= self.max_length:
             _fail("max_prompt_length", f"must be below max_length ({self.max_length})")
 
@@ -235,12 +224,7 @@ def _resolved(config: TrainConfig, base: Path, default_dataset: str | None) -> T
 def load_train_config(path: str | Path) -> TrainConfig:
     """The `train` section of a build YAML; relative paths resolve against its folder."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or "train" not in data:
         raise ConfigError(f"{path}: train: the file has no train section")
     base = path.resolve().parent
