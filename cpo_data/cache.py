@@ -11,7 +11,9 @@ can abort the interpreter at exit ("terminate called without an active exception
 apache/arrow#34314), seen here in about 1 of 40 short processes, and segments are small.
 Readers load each segment once and keep an index in
 memory; when two writers stored the same key, the values are equal by construction (same
-content, same identity), so the first one read wins.
+content, same identity), so the first one read wins. `open_cache` hands every caller in a
+process the same object per folder, so a build of many shards reads each segment once instead
+of once per shard (which grew with the square of the shard count).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -53,6 +56,7 @@ class ContentCache:
         self.fs.makedirs(self.folder, exist_ok=True)
         self._index: dict[str, str] = {}
         self._loaded: set[str] = set()
+        self._lock = threading.Lock()  # one object may serve several task threads
         self.hits = 0
         self.misses = 0
         self.writes = 0
@@ -77,8 +81,9 @@ class ContentCache:
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The cached values of those `keys` that are present; counts hits and misses."""
         keys = list(keys)
-        self._refresh()
-        found = {k: json.loads(self._index[k]) for k in keys if k in self._index}
+        with self._lock:
+            self._refresh()
+            found = {k: json.loads(self._index[k]) for k in keys if k in self._index}
         self.hits += len(found)
         self.misses += len(keys) - len(found)
         return found
@@ -100,14 +105,29 @@ class ContentCache:
             self.fs.mv(temporary, final)
         else:
             self.fs.pipe_file(final, data)
-        for key, value in zip(entries, values, strict=True):
-            self._index.setdefault(key, value)
-        self._loaded.add(final)
-        self.writes += len(entries)
+        with self._lock:
+            for key, value in zip(entries, values, strict=True):
+                self._index.setdefault(key, value)
+            self._loaded.add(final)
+            self.writes += len(entries)
 
     def __len__(self) -> int:
-        self._refresh()
-        return len(self._index)
+        with self._lock:
+            self._refresh()
+            return len(self._index)
+
+
+_open_caches: dict[tuple[str, str, str], ContentCache] = {}
+_open_lock = threading.Lock()
+
+
+def open_cache(uri: str, namespace: str, identity: dict[str, Any]) -> ContentCache:
+    """This process's cache object for one folder, created on first use."""
+    key = (uri, namespace, identity_key(identity))
+    with _open_lock:
+        if key not in _open_caches:
+            _open_caches[key] = ContentCache(uri, namespace, identity)
+        return _open_caches[key]
 
 
 def cached_compute(

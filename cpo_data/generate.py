@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from cpo_data import schema
-from cpo_data.cache import ContentCache, cached_compute, identity_key
+from cpo_data.cache import cached_compute, identity_key, open_cache
 from cpo_data.config import GenerateConfig
 
 EMPTY_OUTPUT = "empty_output"
@@ -98,7 +98,7 @@ def request_key(request: Request) -> str:
 def _run_generator(generator: Generator, requests: list[Request], cache_dir: str | None,
                    report: GenerateReport) -> list[Generated]:
     name = generator.name
-    cache = (ContentCache(cache_dir, "generate", generator.identity) if cache_dir else None)
+    cache = open_cache(cache_dir, "generate", generator.identity) if cache_dir else None
     results, generated = cached_compute(
         cache, requests, request_key, generator.generate,
         to_json=lambda g: {"texts": g.texts, "truncated": g.truncated},

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from cpo_data import schema
-from cpo_data.cache import ContentCache, cached_compute
+from cpo_data.cache import cached_compute, open_cache
 from cpo_data.config import EnsembleConfig, ScoreConfig
 
 EMPTY_MT = "empty_mt"
@@ -91,7 +91,7 @@ def item_key(item: ScoreItem) -> str:
 def _score_distinct(scorer: Scorer, items: list[ScoreItem], cache_dir: str | None,
                     report: ScoreReport) -> dict[ScoreItem, ScoreResult]:
     """Scores of distinct items: from the cache where present, from the scorer otherwise."""
-    cache = ContentCache(cache_dir, "score", scorer.identity) if cache_dir else None
+    cache = open_cache(cache_dir, "score", scorer.identity) if cache_dir else None
     results, scored = cached_compute(
         cache, items, item_key, scorer.score,
         # NaN is not JSON: cache it as null, so a refresh drops it again without rescoring.

@@ -289,3 +289,27 @@ def test_gated_model_says_how_to_get_access(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     with pytest.raises(ScoreError, match="accept its licence.*HF_TOKEN"):
         load_scorer(ScorerConfig(name="k", model="Unbabel/wmt23-cometkiwi-da-xxl"))
+
+
+def test_shards_sharing_a_cache_read_each_segment_once(tmp_path, monkeypatch):
+    """One cache object per folder and process: the segments earlier shards wrote are not
+    read again by every later shard (which grew with the square of the shard count)."""
+    from cpo_data import cache
+
+    reads = []
+    read_table = cache.pq.read_table
+    monkeypatch.setattr(cache.pq, "read_table",
+                        lambda *a, **k: reads.append(1) or read_table(*a, **k))
+    scorer = Fixed("kiwi", {f"t{i}": i / 10 for i in range(5)})
+    config = ScoreConfig(cache_dir=str(tmp_path))
+    for shard in range(5):  # each shard scores one new text, and writes one segment
+        candidates, sources = _tables([(f"Quelle {shard}.", [f"t{shard}"])])
+        assert score_candidates(candidates, sources, config, [scorer]).report.scored == {
+            "kiwi": 1}
+    assert len(list((tmp_path).glob("score-*/seg-*.parquet"))) == 5
+    assert reads == []  # this process wrote every segment and so never reads one
+    # Another process (a fresh object here) reads each segment once, on its first look.
+    fresh = cache.ContentCache(str(tmp_path), "score", scorer.identity)
+    assert len(fresh) == 5 and len(reads) == 5
+    fresh.get_many(["x"])
+    assert len(reads) == 5
