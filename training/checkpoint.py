@@ -13,6 +13,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +50,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """`write` into a temporary folder, then rename it to `final`: whole or absent."""
+    partial = final.parent / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write(partial)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+def save_model(folder: Path, model, tokenizer) -> Path:
+    """What `from_pretrained` reads (the adapter for LoRA, all weights otherwise), atomically."""
+    def write(partial: Path) -> None:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+
+    return _write_folder(folder, write)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler,
                     state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint-{step} atomically and delete all but the newest `keep`."""
     run_dir = Path(run_dir)
-    final = run_dir / f"checkpoint-{step}"
-    partial = run_dir / f".checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-    torch.save(rng_state(), partial / "rng_state.pt")
-    (partial / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+
+    def write(partial: Path) -> None:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        torch.save(rng_state(), partial / "rng_state.pt")
+        (partial / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+
+    final = _write_folder(run_dir / f"checkpoint-{step}", write)
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

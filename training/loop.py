@@ -334,12 +334,12 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     full_nll = nll_covers_prompt(config)
     pad_id = tokenizer.pad_token_id
     checkpoint_state = {"config": _resume_settings(config), **(manifest or {})}
-    last_saved: Path | None = resume_from
+    last_saved = (start, resume_from) if resume_from is not None else None  # (step, folder)
     metrics: dict[str, float] = {}
 
-    def save(step: int) -> Path:
-        return ckpt.save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                                    checkpoint_state, config.save_total_limit)
+    def save(step: int) -> tuple[int, Path]:
+        return step, ckpt.save_checkpoint(run_dir, step, model, tokenizer, optimizer,
+                                          scheduler, checkpoint_state, config.save_total_limit)
 
     def write_metrics(line: dict[str, Any]) -> None:
         with metrics_path.open("a") as out:
@@ -373,8 +373,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
             bar.close()
             # No update was made: the weights are those after the previous step. Keep them.
-            saved_now = last_saved is not None and ckpt.read_state(last_saved)["step"] == step
-            good = last_saved if saved_now else save(step)
+            _, good = last_saved if last_saved and last_saved[0] == step else save(step)
             bad = ("loss", metrics["loss"]) if not math.isfinite(metrics["loss"]) \
                 else ("gradient norm", float(grad_norm))
             raise TrainingDiverged(
@@ -408,20 +407,14 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     bar.close()
 
     # ---- save ---------------------------------------------------------------------------
-    if last_saved is None or ckpt.read_state(last_saved)["step"] != total_steps:
+    if last_saved is None or last_saved[0] != total_steps:
         save(total_steps)
     eval_metrics = {}
     if held_examples:
         eval_metrics = evaluate_preferences(model, config, held_examples, pad_id, device, half,
                                             trim)
         write_metrics({"step": total_steps, **eval_metrics})
-    final = run_dir / FINAL_DIR
-    partial = run_dir / f".{FINAL_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    final = ckpt.save_model(run_dir / FINAL_DIR, model, tokenizer)
     return TrainResult(
         run_dir=str(run_dir), model_dir=str(final), steps=total_steps,
         resumed_from_step=start, train_rows=len(train_rows), held_out_rows=len(held_rows),
