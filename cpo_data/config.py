@@ -494,8 +494,9 @@ def load_config(path: str | Path) -> BuildConfig:
     path = Path(path)
     data = read_yaml(path)
     if isinstance(data, dict):
-        # The training run's section lives in the same file; training.config reads it.
-        data = {key: value for key, value in data.items() if key != "train"}
+        # The training run's section and the deployments' section live in the same file;
+        # training.config and pipelines.deploy read them.
+        data = {key: value for key, value in data.items() if key not in ("train", "deploy")}
     try:
         config = from_dict(BuildConfig, data)
     except ConfigError as error:
