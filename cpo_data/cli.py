@@ -17,10 +17,11 @@ from cpo_data.generate import GenerateError
 from cpo_data.schema import SchemaError
 from cpo_data.score import ScoreError
 from cpo_data.sources import SourceError
+from pipelines.deploy import ServerError
 from training.loop import TrainingDiverged, TrainingError
 
 _USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
-                store.StoreError, TrainingError, TrainingDiverged)
+                ServerError, store.StoreError, TrainingError, TrainingDiverged)
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -224,6 +225,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _run_train(config, args.version)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from pipelines import deploy
+
+    deploy.serve(args.config)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from cpo_data import demo
 
@@ -266,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "configs/demo.yaml")
     train.add_argument("--version", help="dataset version (default: the config's, latest)")
     train.set_defaults(run=_cmd_train)
+
+    serve = commands.add_parser(
+        "serve", help="serve the build on the config's schedule and the training on each "
+        "published version (needs a Prefect server: PREFECT_API_URL)")
+    serve.add_argument("config", help="config (YAML) with publish, train and deploy sections")
+    serve.set_defaults(run=_cmd_serve)
 
     demo = commands.add_parser("demo", help="run the offline demo on the demo corpus")
     demo.add_argument("--store", help="store URI to publish into (default: .cpo-data/store)")

@@ -129,8 +129,10 @@ def emit_published(summary: build.BuildSummary, config: BuildConfig):
     """The event a training deployment waits for; its payload names the version."""
     return emit_event(
         event=PUBLISHED_EVENT,
+        # The URI label lets a trigger tell apart two stores holding datasets of one name.
         resource={"prefect.resource.id": f"cpo-data.dataset.{config.publish.name}",
-                  "prefect.resource.name": config.publish.name},
+                  "prefect.resource.name": config.publish.name,
+                  "cpo-data.dataset-uri": summary.dataset_uri},
         payload={"dataset_uri": summary.dataset_uri, "store_uri": config.publish.uri,
                  "name": config.publish.name, "version": summary.version,
                  "triplets": summary.triplets},
