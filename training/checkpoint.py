@@ -34,6 +34,10 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step}"
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
@@ -70,20 +74,31 @@ def save_model(folder: Path, model, tokenizer) -> Path:
     return _write_folder(folder, write)
 
 
+def _rng_file(rank: int) -> str:
+    # Rank 0's (or a lone process's) keeps the plain name, so any run can resume from it.
+    return f"rng_state_{rank}.pt" if rank else "rng_state.pt"
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, scheduler,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint-{step} atomically and delete all but the newest `keep`."""
+                    state: dict[str, Any], keep: int,
+                    rng_states: list[dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint-{step} atomically and delete all but the newest `keep`.
+
+    `rng_states`: each process's random-number state, in rank order, when several train
+    together (their dropout draws differ); default: this process's."""
     run_dir = Path(run_dir)
+    rng_states = rng_states or [rng_state()]
 
     def write(partial: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-        torch.save(rng_state(), partial / "rng_state.pt")
+        for rank, random_state in enumerate(rng_states):
+            torch.save(random_state, partial / _rng_file(rank))
         (partial / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
 
-    final = _write_folder(run_dir / f"checkpoint-{step}", write)
+    final = _write_folder(checkpoint_dir(run_dir, step), write)
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -93,11 +108,17 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def load_training_state(checkpoint: Path, optimizer, scheduler) -> None:
+def load_training_state(checkpoint: Path, optimizer, scheduler, rank: int = 0) -> None:
     """Optimizer, scheduler and random-number state as they were when `checkpoint` was saved
-    (weights are loaded by the caller, which knows whether they are an adapter)."""
+    (weights are loaded by the caller, which knows whether they are an adapter).
+
+    Process `rank` of a data-parallel run takes its own random-number state, or rank 0's
+    when the checkpoint was made by fewer processes."""
+    rng_file = checkpoint / _rng_file(rank)
+    if not rng_file.exists():
+        rng_file = checkpoint / _rng_file(0)
     # weights_only=False: the RNG state holds numpy arrays and Python tuples; the file is our
     # own, written by save_checkpoint.
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False))
+    set_rng_state(torch.load(rng_file, weights_only=False))

@@ -140,9 +140,10 @@ class TrainConfig:
     max_steps: int = 0
     """Optimizer steps; overrides epochs when above 0."""
     batch_size: int = 4
-    """Pairs per forward pass (each pair is two sequences)."""
+    """Pairs per forward pass (each pair is two sequences), in each process."""
     gradient_accumulation_steps: int = 1
-    """Forward passes per optimizer step: the step's batch is batch_size x this."""
+    """Forward passes per optimizer step: the step's batch is batch_size x this (x the
+    number of processes, when torchrun or accelerate launch starts several)."""
     max_length: int = 512
     """Prompt + completion tokens at most (ALMA-R: 512)."""
     max_prompt_length: int = 256

@@ -35,6 +35,10 @@ class Logps:
     def cat(parts: list[Logps]) -> Logps:
         return Logps(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Logps)))
 
+    @staticmethod
+    def columns() -> tuple[str, ...]:
+        return tuple(f.name for f in fields(Logps))
+
 
 def nll_covers_prompt(config: TrainConfig) -> bool:
     return config.loss == "orpo" and config.orpo_nll_on_prompt

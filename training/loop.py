@@ -10,6 +10,11 @@
 - `metrics.jsonl`: one line per optimizer step (and per evaluation) under the names TRL
   users know: `loss`, `nll_loss`, `rewards/*`, `logps/*`, plus `learning_rate`, `grad_norm`,
   `tokens_per_second`, `peak_memory_mb`.
+
+Launched as several processes (`torchrun`, `accelerate launch`), each trains on its share of
+every step's pairs and the gradients are added up (`training/distributed.py`): a step sees the
+same pairs and gives the same loss as one process would. Metrics are over the whole step;
+rank 0 alone writes the files above and shows progress.
 """
 
 from __future__ import annotations
@@ -29,12 +34,11 @@ from typing import Any
 
 import torch
 
-from cpo_data.backends.torch_device import pick_device
 from training import checkpoint as ckpt
+from training import distributed
 from training.config import TrainConfig
 from training.data import collate, tokenize_triplets
 from training.forward import (
-    Logps,
     accepts_logits_to_keep,
     forward_logps,
     nll_covers_prompt,
@@ -100,11 +104,13 @@ def split_held_out(rows: Sequence[dict], count: int, seed: int) -> tuple[list[di
 
 
 def step_plan(examples: int, batch_size: int, accumulation: int, epochs: int,
-              max_steps: int, seed: int) -> tuple[list[list[list[int]]], int]:
+              max_steps: int, seed: int, processes: int = 1) -> tuple[list[list[list[int]]], int]:
     """Example indices of every micro-batch of every optimizer step, and steps per epoch.
 
-    Each epoch is its own seeded permutation, so the plan is the same on every run and a
-    resumed run picks up the very batches it would have seen."""
+    A step holds `batch_size x accumulation x processes` pairs; the processes of a
+    data-parallel run share them out (`distributed.my_share`). Each epoch is its own seeded
+    permutation, so the plan is the same on every run and every process, and a resumed run
+    picks up the very batches it would have seen."""
     plan: list[list[list[int]]] = []
     per_epoch = 0
     epoch = 0
@@ -112,7 +118,8 @@ def step_plan(examples: int, batch_size: int, accumulation: int, epochs: int,
         order = torch.randperm(examples,
                                generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         micro = [order[i: i + batch_size] for i in range(0, examples, batch_size)]
-        steps = [micro[i: i + accumulation] for i in range(0, len(micro), accumulation)]
+        per_step = accumulation * processes
+        steps = [micro[i: i + per_step] for i in range(0, len(micro), per_step)]
         per_epoch = len(steps)
         plan.extend(steps)
         epoch += 1
@@ -210,14 +217,15 @@ def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
     if not found:
         return None
     if not config.resume:
-        log.warning("%s: resume is off: starting over, deleting %d checkpoint(s)", run_dir,
-                    len(found))
-        for folder in found:
-            shutil.rmtree(folder)
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        if distributed.is_main():  # the others never read the run folder when starting over
+            log.warning("%s: resume is off: starting over, deleting %d checkpoint(s)", run_dir,
+                        len(found))
+            for folder in found:
+                shutil.rmtree(folder)
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
         return None
     saved = ckpt.read_state(found[-1]).get("config", {})
-    current = _resume_settings(config)
+    current = _resume_settings(config, distributed.world_size())
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
         raise TrainingError(
@@ -227,11 +235,13 @@ def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
     return found[-1]
 
 
-def _resume_settings(config: TrainConfig) -> dict[str, Any]:
+def _resume_settings(config: TrainConfig, processes: int) -> dict[str, Any]:
     settings = dataclasses.asdict(config)
     for key in _RESUME_FREE:
         settings.pop(key)
     settings["eval.held_out"] = config.eval.held_out  # decides which triplets train
+    if processes > 1:  # a step's pairs are batch_size x accumulation x processes
+        settings["processes"] = processes
     return json.loads(json.dumps(settings))  # tuples as lists, as the saved JSON has them
 
 
@@ -252,19 +262,25 @@ def _keep_metrics_until(path: Path, step: int, total_steps: int) -> None:
 def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
                          device: torch.device, half: torch.dtype | None,
                          trim: bool) -> dict[str, float]:
-    """Loss and reward metrics of held-out triplets, named `eval/...`."""
+    """Loss and reward metrics of held-out triplets, named `eval/...`.
+
+    Several processes each measure a contiguous share and the metrics cover all of them."""
     parts, references = [], []
+    first, stop = distributed.share(len(examples), distributed.rank(), distributed.world_size())
     was_training = model.training
     model.eval()
     with torch.no_grad(), _autocast(device, half):
-        for start in range(0, len(examples), config.eval.batch_size):
-            batch = _to(collate(examples[start: start + config.eval.batch_size], pad_id), device)
+        for start in range(first, stop, config.eval.batch_size):
+            end = min(start + config.eval.batch_size, stop)
+            batch = _to(collate(examples[start: end], pad_id), device)
             parts.append(forward_logps(model, batch, nll_covers_prompt(config), trim))
             if config.loss == "dpo":
                 references.append(reference_logps(model, batch, trim))
     model.train(was_training)
-    reference = Logps.cat(references) if references else None
-    metrics = preference_loss(config, Logps.cat(parts), reference).metrics
+    logps = distributed.gather_logps(parts, first, len(examples), device)
+    reference = (distributed.gather_logps(references, first, len(examples), device)
+                 if config.loss == "dpo" else None)
+    metrics = preference_loss(config, logps, reference).metrics
     return {f"eval/{name}": value for name, value in metrics.items()}
 
 
@@ -290,8 +306,11 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     if not rows:
         raise TrainingError("the dataset has no triplets to train on")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(config.device)
+    device = distributed.init(config.device)  # joins the process group when launched
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0  # writes the run folder; the other processes only read it
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     half = _autocast_dtype(config, device)
     resume_from = _resume_point(config, run_dir)
     set_seed(config.seed)  # before the adapter's random initialisation
@@ -310,12 +329,15 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     model = load_model(config, device, half, resume_from)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(trainable)
+    if world > 1:  # each process its own dropout draws, as one process's would differ by pair
+        set_seed(config.seed + rank)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                   weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     plan, steps_per_epoch = step_plan(len(examples), config.batch_size,
                                       config.gradient_accumulation_steps, config.epochs,
-                                      config.max_steps, config.seed)
+                                      config.max_steps, config.seed, world)
     total_steps = len(plan)
     # transformers' "constant" ignores the warm-up; ours warms up like the others.
     schedule = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
@@ -324,36 +346,48 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
                               num_training_steps=total_steps)
     start = 0
     if resume_from is not None:
-        ckpt.load_training_state(resume_from, optimizer, scheduler)
+        ckpt.load_training_state(resume_from, optimizer, scheduler, rank)
         start = ckpt.read_state(resume_from)["step"]
         log.info("resuming %s from step %d (%s)", run_dir, start, resume_from.name)
     metrics_path = run_dir / METRICS_FILE
-    _keep_metrics_until(metrics_path, start, total_steps)
+    if main:
+        _keep_metrics_until(metrics_path, start, total_steps)
 
     trim = accepts_logits_to_keep(model)
     full_nll = nll_covers_prompt(config)
     pad_id = tokenizer.pad_token_id
-    checkpoint_state = {"config": _resume_settings(config), **(manifest or {})}
+    checkpoint_state = {"config": _resume_settings(config, world), **(manifest or {})}
     last_saved = (start, resume_from) if resume_from is not None else None  # (step, folder)
     metrics: dict[str, float] = {}
 
     def save(step: int) -> tuple[int, Path]:
-        return step, ckpt.save_checkpoint(run_dir, step, model, tokenizer, optimizer,
-                                          scheduler, checkpoint_state, config.save_total_limit)
+        # Every process's random-number state, so that a resumed run draws the same dropout.
+        rng_states = distributed.gather_objects(ckpt.rng_state())
+        folder = ckpt.checkpoint_dir(run_dir, step)
+        if main:
+            ckpt.save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
+                                 checkpoint_state, config.save_total_limit, rng_states)
+        distributed.barrier()  # no process goes on while the checkpoint is half written
+        return step, folder
 
     def write_metrics(line: dict[str, Any]) -> None:
-        with metrics_path.open("a") as out:
-            out.write(json.dumps(line) + "\n")
+        if main:
+            with metrics_path.open("a") as out:
+                out.write(json.dumps(line) + "\n")
 
     # ---- train --------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=start, desc="training", unit="step",
-               disable=not progress)
+               disable=not (progress and main))
     for step in range(start, total_steps):
         started = time.perf_counter()
-        batches = [collate([examples[i] for i in micro], pad_id) for micro in plan[step]]
-        # The step's totals, so each micro-batch's loss is its share of the step's mean.
+        first, micro_batches = distributed.my_share(plan[step], config.batch_size)
+        batches = [collate([examples[i] for i in micro], pad_id) for micro in micro_batches]
+        # The step's totals over all processes, so each micro-batch's loss is its share of the
+        # step's mean and the shares' gradients add up to the step's gradient.
         pairs = sum(len(micro) for micro in plan[step])
-        token_total = sum(nll_tokens(batch, full_nll) for batch in batches)
+        token_total, tokens = (int(n) for n in distributed.reduce_numbers(
+            [sum(nll_tokens(batch, full_nll) for batch in batches),
+             sum(int(batch["attention_mask"].sum()) for batch in batches)], device))
         parts, references = [], []
         for batch in batches:
             batch = _to(batch, device)
@@ -366,10 +400,13 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
             parts.append(logps.detach())
             if reference is not None:
                 references.append(reference)
+        distributed.sum_gradients(trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
-        with torch.no_grad():
-            metrics = preference_loss(config, Logps.cat(parts),
-                                      Logps.cat(references) if references else None).metrics
+        with torch.no_grad():  # over the whole step's pairs, from every process
+            step_logps = distributed.gather_logps(parts, first, pairs, device)
+            step_reference = (distributed.gather_logps(references, first, pairs, device)
+                              if config.loss == "dpo" else None)
+            metrics = preference_loss(config, step_logps, step_reference).metrics
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
             bar.close()
             # No update was made: the weights are those after the previous step. Keep them.
@@ -386,10 +423,11 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
-        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        # The largest process's: the one closest to running out of memory.
+        peak, = distributed.reduce_numbers([_peak_memory_mb(device)], device, op="max")
         metrics.update({
             "learning_rate": learning_rate, "grad_norm": float(grad_norm), "tokens": tokens,
-            "tokens_per_second": tokens / seconds, "peak_memory_mb": _peak_memory_mb(device),
+            "tokens_per_second": tokens / seconds, "peak_memory_mb": peak,
         })
         write_metrics({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, **metrics})
         bar.update(1)
@@ -414,7 +452,10 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         eval_metrics = evaluate_preferences(model, config, held_examples, pad_id, device, half,
                                             trim)
         write_metrics({"step": total_steps, **eval_metrics})
-    final = ckpt.save_model(run_dir / FINAL_DIR, model, tokenizer)
+    final = run_dir / FINAL_DIR
+    if main:
+        ckpt.save_model(final, model, tokenizer)
+    distributed.barrier()  # every process returns with the run complete on disk
     return TrainResult(
         run_dir=str(run_dir), model_dir=str(final), steps=total_steps,
         resumed_from_step=start, train_rows=len(train_rows), held_out_rows=len(held_rows),

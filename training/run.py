@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpo_data import store
+from training import distributed
 from training.config import TrainConfig
 from training.loop import TrainingError, TrainResult, train
 
@@ -88,12 +89,17 @@ def write_run_manifest(config: TrainConfig, manifest: dict, result: TrainResult,
 
 
 def run_training(config: TrainConfig, version: str | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """The whole run without Prefect: read, train, evaluate, record."""
+                 progress: bool = True) -> dict[str, Any] | None:
+    """The whole run without Prefect: read, train, evaluate, record.
+
+    Launched as several processes, all read the version and train together; rank 0 alone then
+    translates the test set and writes the run manifest (returned; None on the others)."""
     from training.evaluate import translation_quality
 
     manifest, rows = load_dataset(config, version)
     result = train_on(config, manifest, rows, progress)
+    if not distributed.is_main():
+        return None
     translation = (translation_quality(config, result.model_dir)
                    if config.eval.test_set is not None else None)
     return write_run_manifest(config, manifest, result, translation)

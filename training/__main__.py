@@ -1,0 +1,73 @@
+"""`python -m training CONFIG [--version V]`: one training run without Prefect (read and verify
+the version, train, evaluate, write the run manifest), on one process or on several started by
+a launcher, which then train data-parallel (`training/distributed.py`):
+
+    python -m training configs/demo.yaml
+    torchrun --standalone --nproc_per_node 4 -m training configs/alma-r.yaml
+    accelerate launch --multi_gpu --num_processes 4 -m training configs/alma-r.yaml
+
+Rank 0 writes the run folder and prints the summary; the others only train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cpo_data.backends.torch_device import DeviceError
+from cpo_data.config import ConfigError
+from cpo_data.generate import GenerateError
+from cpo_data.schema import SchemaError
+from cpo_data.score import ScoreError
+from cpo_data.sources import SourceError
+from cpo_data.store import StoreError
+from training import distributed
+from training.loop import TrainingDiverged, TrainingError
+
+_USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
+                StoreError, TrainingError, TrainingDiverged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.config import load_train_config
+    from training.run import RUN_MANIFEST, run_training
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description="Train on a published triplet version (the "
+        "YAML's train section), alone or under torchrun / accelerate launch.")
+    parser.add_argument("config", help="config (YAML) with a train section")
+    parser.add_argument("--version", help="dataset version (default: the config's, latest)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:  # rank 0 speaks for all: the others' warnings would repeat its own
+        logging.getLogger("cpo_data").setLevel(logging.ERROR)
+    try:
+        record = run_training(load_train_config(args.config), args.version)
+    except _USER_ERRORS as error:
+        print(f"error{f' (rank {rank})' if distributed.launched() else ''}: {error}",
+              file=sys.stderr)
+        return 2
+    finally:
+        distributed.close()
+    if record is not None:
+        loss = record["metrics"].get("loss")  # none when a finished run was rerun
+        print(f"trained {record['steps']} steps on {record['dataset_uri']} version "
+              f"{record['dataset_version']}" + (f": loss {loss:.4f}" if loss is not None else ""))
+        for name, value in record["eval"].items():
+            print(f"{name:<26}{value:.4f}")
+        print(f"model     {record['model_dir']}")
+        print(f"manifest  {Path(record['model_dir']).parent / RUN_MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    # As `cpo-data` does (cpo_data.cli.console): pyarrow 21 can abort a finished process during
+    # interpreter teardown, and a launcher would take that for a failed rank.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
