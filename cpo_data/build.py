@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,19 +104,23 @@ def model_fingerprints(config: BuildConfig, stage: str) -> list[str]:
 
 
 def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:
-    """Candidates for one shard: provided outputs and every configured model's."""
-    from cpo_data.backends.hf_generate import load_generator
+    """Candidates for one shard: provided outputs and every configured model's. The models
+    stay loaded in this process for its next shards."""
+    from cpo_data.backends import loaded
 
-    generators = [load_generator(m) for m in config.generate.models]
-    return generate_candidates(shard, config.generate, generators)
+    with loaded.in_use:
+        generators = [loaded.generator(m) for m in config.generate.models]
+        return generate_candidates(shard, config.generate, generators)
 
 
 def score_shard(candidates: pa.Table, shard: pa.Table, config: BuildConfig) -> Scores:
-    """Scores of one shard's candidates under every configured scorer."""
-    from cpo_data.backends.comet_score import load_scorer
+    """Scores of one shard's candidates under every configured scorer (kept loaded, as the
+    generators are)."""
+    from cpo_data.backends import loaded
 
-    scorers = [load_scorer(s) for s in config.score.scorers]
-    return score_candidates(candidates, shard, config.score, scorers)
+    with loaded.in_use:
+        scorers = [loaded.scorer(s) for s in config.score.scorers]
+        return score_candidates(candidates, shard, config.score, scorers)
 
 
 @dataclass
@@ -150,6 +156,9 @@ class BuildSummary:
     """Sources that the previous version did not hold (all of them on a first build)."""
     sources_reused: int = 0
     """Sources the previous version held already (as a triplet or a dropped row)."""
+    workers: dict[str, int] = field(default_factory=dict)
+    """Shard tasks (generate, score) run in this build, per process (host:pid): the flow's
+    own, or each Dask worker's. Work an earlier run left is not counted."""
 
 
 @dataclass
@@ -195,9 +204,16 @@ def _add(total: dict[str, int], counts: dict[str, int]) -> None:
         total[key] = total.get(key, 0) + value
 
 
+def process_name() -> str:
+    """host:pid of this process: names where a shard's work ran (a Dask worker or the flow)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def add_shard(run: BuildRun, generated: Candidates, scored: Scores, generated_now: bool = True,
-              scored_now: bool = True) -> None:
-    """Keep one shard's tables; count its work only where it was done in this run."""
+              scored_now: bool = True, generated_on: str | None = None,
+              scored_on: str | None = None) -> None:
+    """Keep one shard's tables; count its work only where it was done in this run, and by
+    which process (`generated_on`, `scored_on`: their `process_name()`)."""
     run.candidates.append(generated.table)
     run.scores.append(scored.table)
     run.dropped += [generated.dropped, scored.dropped]
@@ -205,9 +221,13 @@ def add_shard(run: BuildRun, generated: Candidates, scored: Scores, generated_no
     if generated_now:
         _add(summary.generated, generated.report.generated)
         _add(summary.generated_from_cache, generated.report.from_cache)
+        if generated_on:
+            _add(summary.workers, {generated_on: 1})
     if scored_now:
         _add(summary.scored, scored.report.scored)
         _add(summary.scored_from_cache, scored.report.from_cache)
+        if scored_on:
+            _add(summary.workers, {scored_on: 1})
     else:
         summary.shards_reused += 1
 
@@ -281,7 +301,8 @@ def run_build(config: BuildConfig, progress: Callable[[str], None] = log.info) -
     for number, shard in enumerate(run.shards, 1):
         generated = generate_shard(shard, run.config)
         scored = score_shard(generated.table, shard, run.config)
-        add_shard(run, generated, scored)
+        add_shard(run, generated, scored, generated_on=process_name(),
+                  scored_on=process_name())
         progress(f"shard {number}/{len(run.shards)}: {shard.num_rows} sources, "
                  f"{generated.table.num_rows} candidates, {scored.table.num_rows} scores")
     return select_and_publish(run)

@@ -360,6 +360,37 @@ class PublishConfig:
             _fail("name", f"{self.name!r} must be a plain folder name")
 
 
+RUNNER_KINDS = ("threads", "dask")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Where the build's generation and scoring shards run."""
+
+    kind: str = "threads"
+    """threads: one shard at a time in the flow's own process; dask: on a Dask cluster, one
+    shard per worker at a time (one worker per GPU)."""
+    address: str | None = None
+    """dask: scheduler of a running cluster (tcp://host:8786); null starts a local cluster on
+    this machine for the build and stops it after."""
+    workers: int | None = None
+    """dask, local cluster: worker processes; null means one per visible GPU, else 1."""
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, RUNNER_KINDS)
+        if self.kind != "dask":
+            for key in ("address", "workers"):
+                if getattr(self, key) is not None:
+                    _fail(key, "only applies with kind: dask")
+        if self.workers is not None:
+            _check_at_least(self, 1, "workers")
+            if self.address is not None:
+                _fail("workers", "sizes a local cluster; a running cluster (address) has the "
+                      "workers it was started with")
+        if self.address is not None and not self.address.strip():
+            _fail("address", "name a scheduler (tcp://host:8786), or null for a local cluster")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """A whole build, as one YAML file holds it."""
@@ -378,11 +409,17 @@ class BuildConfig:
     """Caches and finished shards of the build flow; a rerun resumes from here."""
     shard_size: int = 1000
     """Sources per generation and scoring task."""
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    """Where the shards run: in the flow's process (threads) or on a Dask cluster."""
 
     def __post_init__(self) -> None:
         if not self.sources:
             _fail("sources", "list at least one source file")
         _check_at_least(self, 1, "shard_size")
+        if self.runner.kind == "dask" and self.work_dir.startswith("memory://"):
+            # Finished shards and caches are written by the workers and read by the flow.
+            _fail("work_dir", "memory:// lives in one process; Dask workers need storage they "
+                  "all reach (a shared folder, or an fsspec URI such as s3://bucket/work)")
         scorers = [s.name for s in self.score.scorers]
         ensembles = [e.name for e in self.score.ensembles]
         if self.select.rank_by is not None and self.select.rank_by not in scorers + ensembles:

@@ -9,6 +9,11 @@ shard's rows, the stage's config, the weights' fingerprints) and stored under th
 unchanged build loads no model at all. Below the task cache, the generation and score caches
 (also under `work_dir`) make a grown source file cost only its new rows.
 
+The shards run one at a time in the flow's process, or, with `runner: {kind: dask}` in the
+config, on a Dask cluster through prefect-dask (`pipelines/dask_runner.py`): a local one started
+for the build, one worker per GPU, or a running one at `runner.address`. Either way each
+process keeps its models loaded from one shard to the next.
+
 On success the flow publishes one version, creates artifacts (counts per language pair, drops
 by reason, how often each system was chosen and rejected, score and margin summaries, agreement
 with human labels) and emits `cpo_data.triplets.published` with the dataset's URI, name and
@@ -18,18 +23,21 @@ version in its payload. A failure in any shard fails the run before anything is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext, get_run_context
 from prefect.events import emit_event
+from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cpo_data import build
-from cpo_data.config import BuildConfig, ConfigError, load_config
+from cpo_data.config import BuildConfig, ConfigError, RunnerConfig, load_config
 from cpo_data.generate import GenerateError
 from cpo_data.score import ScoreError
 
@@ -65,7 +73,7 @@ def generate_shard(shard, config: BuildConfig, key: str, label: str) -> dict:
     get_run_logger().info("%s: %d sources -> %d candidates (generated %s, from cache %s)",
                           label, shard.num_rows, result.table.num_rows,
                           result.report.generated or "-", result.report.from_cache or "-")
-    return {"result": result, "flow_run": _flow_run_id()}
+    return {"result": result, "flow_run": _flow_run_id(), "process": build.process_name()}
 
 
 @task(name="score-shard", cache_key_fn=_cache_key, persist_result=True, retries=2,
@@ -77,7 +85,7 @@ def score_shard(generated: dict, shard, config: BuildConfig, key: str, label: st
     get_run_logger().info("%s: %d candidates -> %d scores (scored %s, from cache %s)", label,
                           candidates.num_rows, result.table.num_rows,
                           result.report.scored or "-", result.report.from_cache or "-")
-    return {"result": result, "flow_run": _flow_run_id()}
+    return {"result": result, "flow_run": _flow_run_id(), "process": build.process_name()}
 
 
 @task(name="select-and-publish")
@@ -139,6 +147,37 @@ def emit_published(summary: build.BuildSummary, config: BuildConfig):
     )
 
 
+def result_storage(work_dir: str) -> Path | RemoteFileSystem:
+    """Where finished shards are stored: `{work_dir}/task-results`, next to the caches they
+    came from. Every worker writes there and the flow reads back, so on a cluster it must be
+    storage they all reach. Prefect 3.8 takes a Path as it is (as a LocalFileSystem), but any
+    other storage only as a saved block; RemoteFileSystem, the block for fsspec URIs, refuses
+    file:// (a local path, so it becomes one)."""
+    folder = f"{work_dir.rstrip('/')}/task-results"
+    if folder.startswith("file://"):
+        return Path(urlsplit(folder).path)
+    if "://" not in folder:
+        return Path(folder).expanduser()
+    try:
+        block = RemoteFileSystem(basepath=folder)
+    except ValueError as error:
+        raise ConfigError(f"work_dir: {work_dir} cannot hold task results: {error}") from None
+    # Named after the URI, so every build writing there shares one block.
+    block.save(f"cpo-data-results-{hashlib.sha256(folder.encode()).hexdigest()[:16]}",
+               overwrite=True)
+    return block
+
+
+def open_shard_runner(config: RunnerConfig):
+    """The task runner the shards go to, as a context manager: threads in this process, one
+    shard at a time (the default), or a Dask cluster (`pipelines.dask_runner`)."""
+    if config.kind == "dask":
+        from pipelines import dask_runner
+
+        return dask_runner.open_runner(config)
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
 @flow(name="cpo-data-build", task_runner=ThreadPoolTaskRunner(max_workers=1),
       validate_parameters=False)
 def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dict:
@@ -151,31 +190,38 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
     config = run.config
     logger.info("%d sources (%s) in %d shard(s) of up to %d", run.summary.sources,
                 ", ".join(run.loaded.report.files), len(run.shards), config.shard_size)
-    # Finished shards are stored under work_dir, next to the caches they came from (a Path is
-    # the one result storage Prefect takes without a saved block).
-    options: dict[str, Any] = {
-        "result_storage": Path(config.work_dir).expanduser() / "task-results"}
+    options: dict[str, Any] = {"result_storage": result_storage(config.work_dir)}
     if retries is not None:
         options["retries"] = retries
     generate_task = generate_shard.with_options(**options)
     score_task = score_shard.with_options(**options)
 
-    futures = []
-    for number, shard in enumerate(run.shards, 1):
-        label = f"shard {number}/{len(run.shards)}"
-        generate_key, score_key = build.shard_keys(run, shard)
-        generated = generate_task.submit(shard, config, generate_key, label)
-        futures.append((generated, score_task.submit(generated, shard, config, score_key,
-                                                     label)))
-    # Any shard failing raises here, before anything is published. A result made by an earlier
-    # run came from Prefect's task cache: its work is not counted again.
     run_id = str(get_run_context().flow_run.id)
-    for generated_future, scored_future in futures:
-        generated, scored = generated_future.result(), scored_future.result()
-        build.add_shard(run, generated["result"], scored["result"],
-                        generated_now=generated["flow_run"] == run_id,
-                        scored_now=scored["flow_run"] == run_id)
+    # The shards go to the runner the config names; the flow's own runs nothing else. Every
+    # result is read before that runner closes: a Dask future needs its cluster.
+    with open_shard_runner(config.runner) as runner:
+        futures = []
+        for number, shard in enumerate(run.shards, 1):
+            label = f"shard {number}/{len(run.shards)}"
+            generate_key, score_key = build.shard_keys(run, shard)
+            generated = runner.submit(generate_task, {
+                "shard": shard, "config": config, "key": generate_key, "label": label})
+            futures.append((generated, runner.submit(score_task, {
+                "generated": generated, "shard": shard, "config": config, "key": score_key,
+                "label": label})))
+        # Any shard failing raises here, before anything is published. A result made by an
+        # earlier run came from Prefect's task cache: its work is not counted again.
+        for generated_future, scored_future in futures:
+            generated, scored = generated_future.result(), scored_future.result()
+            build.add_shard(run, generated["result"], scored["result"],
+                            generated_now=generated["flow_run"] == run_id,
+                            scored_now=scored["flow_run"] == run_id,
+                            generated_on=generated.get("process"),
+                            scored_on=scored.get("process"))
     summary = run.summary
+    if config.runner.kind == "dask":
+        logger.info("shard tasks ran in %d worker process(es): %s", len(summary.workers),
+                    summary.workers or "none (all reused)")
     logger.info("generated %s, scored %s; %d of %d shards reused from an earlier run",
                 summary.generated or "nothing", summary.scored or "nothing",
                 summary.shards_reused, len(run.shards))

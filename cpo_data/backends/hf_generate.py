@@ -308,6 +308,9 @@ def load_generator(config: GeneratorConfig) -> HFGenerator:
 def release_models() -> None:
     """Forget the models loaded so far, so their memory can go (e.g. before training), and a
     folder rewritten since (a retrained adapter) is read again next time."""
+    from cpo_data.backends import loaded
+
+    loaded.forget()  # the generators a build kept hold these models too
     _load.cache_clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
