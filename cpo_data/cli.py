@@ -135,6 +135,9 @@ def print_build_summary(summary: dict, rows: int) -> None:
     print(f"dropped         {_counts(summary['dropped'])}")
     print(f"shards          {summary['shards']} ({summary['shards_reused']} reused from an "
           "earlier run)")
+    if len(summary["workers"]) > 1:  # a Dask build: where its shard tasks ran
+        print(f"workers         {len(summary['workers'])} processes ran shard tasks: "
+              f"{_counts(summary['workers'])}")
     print(f"generated now   {_counts(summary['generated'])}; from cache "
           f"{_counts(summary['generated_from_cache'])}")
     print(f"scored now      {_counts(summary['scored'])}; from cache "

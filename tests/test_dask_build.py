@@ -207,7 +207,8 @@ def test_a_scheduler_without_workers_is_an_error_not_a_hang():
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_dask_on_two_local_workers_publishes_the_same_triplets_as_the_default_runner(
-        tmp_path, models, monkeypatch):
+        tmp_path, models, monkeypatch, capsys):
+    from cpo_data.cli import print_build_summary
     from pipelines.build import build_triplets
 
     marker = _mark_new_processes(monkeypatch)
@@ -230,6 +231,9 @@ def test_dask_on_two_local_workers_publishes_the_same_triplets_as_the_default_ru
     assert threads["workers"] == {build.process_name(): 8}
     assert sum(dask["workers"].values()) == 8 and len(dask["workers"]) >= 2
     assert build.process_name() not in dask["workers"]
+    print_build_summary(dask, rows=0)
+    out = capsys.readouterr().out
+    assert f"workers         {len(dask['workers'])} processes ran shard tasks: " in out
     # Finished shards went to the URI's folder, for a rerun to resume from.
     assert len(list((tmp_path / "dask" / "work" / "task-results").iterdir())) >= 8
 

@@ -232,3 +232,9 @@ def test_a_served_build_publishes_and_its_event_trains_on_that_version(tmp_path,
             assert record["dataset_version"] == version and record["steps"] == 2
     # Server, runner and every flow run it started have stopped.
     assert processes_with_env(f"PREFECT_HOME={home}") == []
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "alma-r.yaml"])
+def test_the_shipped_configs_schedule_their_build_and_train_on_publish(name):
+    config = deploy.load_deploy_config(REPO_ROOT / "configs" / name)
+    assert config.schedule is not None and config.schedule.cron and config.train_on_publish
