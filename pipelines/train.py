@@ -5,9 +5,10 @@
     record = train_cpo("configs/demo.yaml", version="20261122T101500-1a2b3c")
 
 The stages are plain functions in `training/run.py`; this module only wires them as tasks.
-No task is cached (nor are its inputs hashed, which for a large version would cost time): a
-rerun of the same version continues from the run folder's newest checkpoint (`train.resume`),
-so a crashed or cancelled run loses at most `save_steps` steps.
+With `train.processes` above 1 the run goes to torchrun (`training/launch.py`), one process
+per GPU, as one task. No task is cached (nor are its inputs hashed, which for a large version
+would cost time): a rerun of the same version continues from the run folder's newest
+checkpoint (`train.resume`), so a crashed or cancelled run loses at most `save_steps` steps.
 On success the flow creates a metrics artifact and emits `cpo_data.training.completed`.
 """
 
@@ -54,6 +55,19 @@ def train_model(config: TrainConfig, manifest: dict, rows: list[dict]) -> TrainR
     return result
 
 
+@task(name="train-on-processes", cache_policy=NO_CACHE)
+def train_on_processes(config: TrainConfig, version: str | None) -> dict:
+    """The whole run (train, evaluate, record) on `config.processes` GPUs through torchrun;
+    the processes read and verify the version themselves."""
+    from cpo_data import store
+    from training.launch import train_launched
+
+    version = store.read_manifest(config.dataset, version or config.version)["version"]
+    logger = get_run_logger()
+    logger.info("%s version %s on %d processes", config.dataset, version, config.processes)
+    return train_launched(config, version, logger.info)
+
+
 @task(name="evaluate-translations", cache_policy=NO_CACHE)
 def evaluate_translations(config: TrainConfig, model_dir: str) -> dict:
     from training.evaluate import translation_quality
@@ -86,11 +100,14 @@ def train_cpo(config: str | TrainConfig, version: str | None = None) -> dict:
     and return the run manifest as a dict."""
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
-    manifest, rows = load_triplets(config, version)
-    result = train_model(config, manifest, rows)
-    translation = (evaluate_translations(config, result.model_dir)
-                   if config.eval.test_set is not None else None)
-    record = write_run_manifest(config, manifest, result, translation)
+    if config.processes > 1:
+        record = train_on_processes(config, version)
+    else:
+        manifest, rows = load_triplets(config, version)
+        result = train_model(config, manifest, rows)
+        translation = (evaluate_translations(config, result.model_dir)
+                       if config.eval.test_set is not None else None)
+        record = write_run_manifest(config, manifest, result, translation)
     name = config.dataset.rstrip("/").rsplit("/", 1)[-1]
     create_artifact(record, name)
     emit_event(event=COMPLETED_EVENT,

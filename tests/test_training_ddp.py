@@ -220,6 +220,38 @@ def test_a_two_process_run_resumes_exactly(published):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_the_training_flow_launches_train_processes_through_torchrun(two_and_one, published,
+                                                                     monkeypatch):
+    """`train.processes: 2`: the flow (so `cpo-data train` and a triggered deployment) runs
+    the same two-process training, and its record is rank 0's run manifest."""
+    from pipelines.train import train_cpo
+    from tests.conftest import processes_with_env
+    from training.launch import LAUNCH_CONFIG
+    from training.loop import TrainingError
+
+    _, one = two_and_one
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK_ENV, mark)  # inherited by torchrun and its workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    record = train_cpo(str(write_config(published, "flow", processes=2)))
+    folder = run_folder(published / "flow")
+    assert record == json.loads((folder / "run_manifest.json").read_text())
+    assert record["config"]["processes"] == 2 and record["steps"] == 3
+    assert (folder / LAUNCH_CONFIG).exists()
+    # The same steps as one process with the same global batch: it did train on two.
+    for a, b in zip(metric_lines(one), metric_lines(folder), strict=True):
+        assert b["loss" if "loss" in a else "eval/loss"] == pytest.approx(
+            a["loss" if "loss" in a else "eval/loss"], rel=1e-5)
+
+    broken = write_config(published, "broken", processes=2, model=str(published / "none"))
+    with pytest.raises(TrainingError, match=r"training on 2 processes failed \(torchrun exit "
+                       r"[1-9]\d*\); error \(rank [01]\): .*none"):
+        train_cpo(str(broken))
+    assert processes_with_env(f"{MARK_ENV}={mark}") == []
+
+
 def _refuse_writes(root: str, rank: int) -> None:
     """Make every file-system change Python makes under `root` fail in this process.
 

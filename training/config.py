@@ -154,6 +154,10 @@ class TrainConfig:
     """auto (bf16 autocast on GPUs that support it, else fp32), bf16 or fp32."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda, cuda:N."""
+    processes: int = 1
+    """Data-parallel processes (one per GPU) that the training flow and `cpo-data train` start
+    through torchrun; 1 trains in the flow's own process. Under a launcher you start yourself
+    (`torchrun ... -m training`), the launcher's count applies instead."""
     seed: int = 42
     """Seeds the adapter's initial weights, the data order and dropout."""
     save_steps: int = 0
@@ -195,7 +199,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             _fail("warmup_ratio", "must be in [0, 1)")
         _check_at_least(self, 1, "epochs", "batch_size", "gradient_accumulation_steps",
-                        "max_length", "max_prompt_length", "save_total_limit")
+                        "processes", "max_length", "max_prompt_length", "save_total_limit")
         _check_at_least(self, 0, "max_steps", "save_steps")
         if self.max_prompt_length >= self.max_length:
             _fail("max_prompt_length", f"must be below max_length ({self.max_length})")

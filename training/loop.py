@@ -52,8 +52,10 @@ log = logging.getLogger("cpo_data.training")
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 # Fields that do not change what the steps compute; a resume may change them.
+# `processes` is the launch request; the count that shapes the steps is the world size, which
+# `_resume_settings` records itself.
 _RESUME_FREE = ("resume", "save_steps", "save_total_limit", "eval", "output_dir", "device",
-                "dataset", "version")
+                "dataset", "version", "processes")
 
 
 class TrainingError(ValueError):

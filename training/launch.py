@@ -1,0 +1,78 @@
+"""The training flow on several GPUs: `torchrun` starts `python -m training` once per GPU.
+
+With `train.processes` above 1, the flow (and so `cpo-data train` and the deployment that a
+published version triggers) does not train in its own process: one process per GPU must each
+hold the model, and only a launcher can start them as one process group. The run is the same
+as `torchrun --standalone --nproc_per_node N -m training CONFIG --version V` typed by hand:
+rank 0 writes the run folder and its `run_manifest.json`, which this module reads back.
+
+The config goes to the launched processes as YAML in the run folder (`launch_config.yaml`),
+so a config given as a `TrainConfig` object, not a file, trains the same way; its paths are
+already absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from training.config import TrainConfig
+from training.loop import TrainingError
+from training.run import RUN_MANIFEST
+
+LAUNCH_CONFIG = "launch_config.yaml"
+
+
+def launch_command(config_path: Path, version: str, processes: int) -> list[str]:
+    """torchrun (as `python -m torch.distributed.run`, the one in this environment) on one
+    machine: `--standalone` picks a free rendezvous port itself."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(processes), "-m", "training", str(config_path),
+            "--version", version]
+
+
+def write_launch_config(config: TrainConfig, run_dir: Path) -> Path:
+    path = run_dir / LAUNCH_CONFIG
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Through JSON: tuples become lists, which the YAML loader reads back into tuples.
+    train = json.loads(json.dumps(dataclasses.asdict(config)))
+    path.write_text(yaml.safe_dump({"train": train}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def train_launched(config: TrainConfig, version: str,
+                   log: Callable[[str], None] = print) -> dict:
+    """Train `version` on `config.processes` processes; the run manifest rank 0 wrote.
+
+    The launched processes' output goes to `log` line by line (their progress bars are off:
+    a bar redraws one line, which a log would keep as hundreds). A failed launch raises
+    `TrainingError` with the end of that output."""
+    run_dir = Path(config.output_dir) / version
+    command = launch_command(write_launch_config(config, run_dir), version, config.processes)
+    log(" ".join(command))
+    env = dict(os.environ, TQDM_DISABLE="1")
+    tail: deque[str] = deque(maxlen=30)
+    causes: dict[str, None] = {}  # the entry's own `error (rank N): ...` lines, in order
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env) as process:
+        for line in process.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            if line.startswith("error"):
+                causes[line] = None
+            log(line)
+    if process.returncode != 0:
+        # torchrun's own report of which rank failed buries the cause; name it when known.
+        raise TrainingError(f"training on {config.processes} processes failed (torchrun exit "
+                            f"{process.returncode}); " + (
+                                "\n".join(causes) if causes else
+                                "its last lines:\n" + "\n".join(tail)))
+    return json.loads((run_dir / RUN_MANIFEST).read_text())
