@@ -20,7 +20,8 @@ from cpo_data.sources import SourceError
 from pipelines.deploy import ServerError
 from training.loop import TrainingDiverged, TrainingError
 
-_USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
+# Errors of input, config or environment: one line to the user, exit code 2 (not a traceback).
+USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
                 ServerError, store.StoreError, TrainingError, TrainingDiverged)
 
 
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 120)
     try:
         args.run(args)
-    except _USER_ERRORS as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

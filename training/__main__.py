@@ -17,18 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from cpo_data.backends.torch_device import DeviceError
-from cpo_data.config import ConfigError
-from cpo_data.generate import GenerateError
-from cpo_data.schema import SchemaError
-from cpo_data.score import ScoreError
-from cpo_data.sources import SourceError
-from cpo_data.store import StoreError
+from cpo_data.cli import USER_ERRORS
 from training import distributed
-from training.loop import TrainingDiverged, TrainingError
-
-_USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
-                StoreError, TrainingError, TrainingDiverged)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank:  # rank 0 speaks for all: the others' warnings would repeat its own
         logging.getLogger("cpo_data").setLevel(logging.ERROR)
     try:
-        record = run_training(load_train_config(args.config), args.version)
-    except _USER_ERRORS as error:
+        # A bar redraws one line; piped into a log (the training flow's launch) it would keep
+        # every redraw in one line, so it shows on terminals only.
+        record = run_training(load_train_config(args.config), args.version,
+                              progress=sys.stderr.isatty())
+    except USER_ERRORS as error:
         print(f"error{f' (rank {rank})' if distributed.launched() else ''}: {error}",
               file=sys.stderr)
         return 2

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from collections import deque
@@ -52,17 +51,16 @@ def train_launched(config: TrainConfig, version: str,
                    log: Callable[[str], None] = print) -> dict:
     """Train `version` on `config.processes` processes; the run manifest rank 0 wrote.
 
-    The launched processes' output goes to `log` line by line (their progress bars are off:
-    a bar redraws one line, which a log would keep as hundreds). A failed launch raises
-    `TrainingError` with the end of that output."""
+    The launched processes' output goes to `log` line by line (`python -m training` shows no
+    progress bar when its output is not a terminal). A failed launch raises `TrainingError`
+    naming the processes' errors, or with the end of their output."""
     run_dir = Path(config.output_dir) / version
     command = launch_command(write_launch_config(config, run_dir), version, config.processes)
     log(" ".join(command))
-    env = dict(os.environ, TQDM_DISABLE="1")
     tail: deque[str] = deque(maxlen=30)
     causes: dict[str, None] = {}  # the entry's own `error (rank N): ...` lines, in order
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
         for line in process.stdout:
             line = line.rstrip()
             tail.append(line)
