@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from cpo_data import __version__, schema, select, sources, store
 from cpo_data.config import BuildConfig, ConfigError
-from cpo_data.fingerprint import weights_fingerprint
+from cpo_data.fingerprint import generator_weights, scorer_weights
 from cpo_data.generate import Candidates, GenerateError, generate_candidates, provided_systems
 from cpo_data.score import Scores, score_candidates
 
@@ -95,12 +95,8 @@ def shard_key(stage: str, shard: pa.Table, configs: list[Any], weights: list[str
 def model_fingerprints(config: BuildConfig, stage: str) -> list[str]:
     """What identifies the weights a stage uses (cheap: names, sizes, first and last MiB)."""
     if stage == "generate":
-        return [weights_fingerprint(m.model, m.revision) + (
-            f"+{weights_fingerprint(m.adapter, None)}" if m.adapter else "")
-            for m in config.generate.models]
-    return [weights_fingerprint(str(Path(s.model).expanduser().parent.parent)
-                                if s.model.endswith(".ckpt") else s.model, None)
-            for s in config.score.scorers if s.kind == "comet" and s.model]
+        return [generator_weights(m) for m in config.generate.models]
+    return [w for w in map(scorer_weights, config.score.scorers) if w is not None]
 
 
 def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:

@@ -136,7 +136,7 @@ def print_build_summary(summary: dict, rows: int) -> None:
     print(f"dropped         {_counts(summary['dropped'])}")
     print(f"shards          {summary['shards']} ({summary['shards_reused']} reused from an "
           "earlier run)")
-    if len(summary["workers"]) > 1:  # a Dask build: where its shard tasks ran
+    if len(summary["workers"]) > 1:  # shards ran in several processes (Dask workers)
         print(f"workers         {len(summary['workers'])} processes ran shard tasks: "
               f"{_counts(summary['workers'])}")
     print(f"generated now   {_counts(summary['generated'])}; from cache "

@@ -37,3 +37,18 @@ def weights_fingerprint(model: str, revision: str | None) -> str:
     return f"hub:{model}@{revision or 'main'}"
 
 
+def generator_weights(config) -> str:  # noqa: ANN001 - a GeneratorConfig
+    """The weights one configured generator uses: its model's, plus its adapter's."""
+    weights = weights_fingerprint(config.model, config.revision)
+    return weights + (f"+{weights_fingerprint(config.adapter, None)}" if config.adapter else "")
+
+
+def scorer_weights(config) -> str | None:  # noqa: ANN001 - a ScorerConfig
+    """The weights one configured scorer uses; None for metrics without any (chrF, BLEU). A
+    `.ckpt` path stands for the checkpoint's model folder (two levels up)."""
+    if config.kind != "comet" or not config.model:
+        return None
+    model = config.model
+    if model.endswith(".ckpt"):
+        model = str(Path(model).expanduser().parent.parent)
+    return weights_fingerprint(model, None)

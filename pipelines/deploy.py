@@ -122,6 +122,7 @@ def check_server() -> str:
 def deployments(path: str | Path) -> list:
     """The build deployment (on the config's schedule) and, unless turned off, the training
     deployment triggered by this dataset's published versions."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
@@ -133,9 +134,13 @@ def deployments(path: str | Path) -> list:
     deploy = load_deploy_config(path)
     name = build_config.publish.name
     dataset = dataset_uri(build_config.publish.uri, name)
-    # Served runs import the flows by module: the installed package, whatever the cwd.
+    # Served runs import the flows by module: the installed package, whatever the cwd. One
+    # run of each at a time: two builds would share work_dir, two trainings the GPUs; a run
+    # started meanwhile (the schedule, a second published version) waits for the one running.
     common = {"name": name, "parameters": {"config": str(path)}, "tags": ["cpo-data", name],
-              "entrypoint_type": EntrypointType.MODULE_PATH}
+              "entrypoint_type": EntrypointType.MODULE_PATH,
+              "concurrency_limit": ConcurrencyLimitConfig(
+                  limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)}
     schedule = deploy.schedule.as_schedule() if deploy.schedule else {}
     served = [build_triplets.to_deployment(
         description=f"Build and publish {dataset} from {path}", **schedule, **common)]

@@ -8,10 +8,12 @@ neither Prefect nor Dask workers.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -159,6 +161,8 @@ def test_a_process_loads_each_model_once_however_many_shards_it_runs(tmp_path, m
     monkeypatch.setattr(hf_generate, "load_generator",
                         counting("generator", hf_generate.load_generator))
     monkeypatch.setattr(comet_score, "load_scorer", counting("scorer", comet_score.load_scorer))
+    # A model folder of its own, since this test rewrites it.
+    models = dict(models, causal=str(shutil.copytree(models["causal"], tmp_path / "causal")))
     summary = build.run_build(load_config(write_config(tmp_path, models, DEMO_ROWS[:40])))
     assert summary.shards == 5
     assert loads == {"generator": 1, "scorer": 2}  # tiny; kiwi and chrf (was 5 and 10)
@@ -166,10 +170,18 @@ def test_a_process_loads_each_model_once_however_many_shards_it_runs(tmp_path, m
     assert summary.generated == {"tiny": 40}
     assert summary.workers == {build.process_name(): 10}
 
+    config = build.with_work_dir(load_config(tmp_path / "build.yaml"))
+    shard = build.load_build_sources(config).table.slice(0, 8)
     hf_generate.release_models()  # forgets the kept objects too: the next shard loads again
-    build.generate_shard(build.load_build_sources(load_config(tmp_path / "build.yaml")).table,
-                         build.with_work_dir(load_config(tmp_path / "build.yaml")))
+    build.generate_shard(shard, config)
     assert loads["generator"] == 2
+    build.generate_shard(shard, config)
+    assert loads["generator"] == 2
+    # A model folder rewritten in place (a retrained model under the same path), as a worker
+    # that outlives builds may see: its next shard builds the generator from the new files.
+    (Path(models["causal"]) / "README.md").write_text("retrained")
+    build.generate_shard(shard, config)
+    assert loads["generator"] == 3
 
 
 # Reaching a cluster.

@@ -63,6 +63,9 @@ def test_the_deploy_section_gives_a_scheduled_build_and_a_triggered_training(tmp
     assert (build.name, train.name) == ("served", "served")
     assert [s.schedule.interval.total_seconds() for s in build.schedules] == [3600]
     assert build.parameters == {"config": str(path)} and not train.schedules
+    for served in (build, train):  # one run at a time; the next one waits
+        assert served.concurrency_limit == 1
+        assert served.concurrency_options.collision_strategy == "ENQUEUE"
     (trigger,) = train.triggers
     assert trigger.expect == {PUBLISHED_EVENT}
     assert trigger.match.root == {"prefect.resource.id": "cpo-data.dataset.served",

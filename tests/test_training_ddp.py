@@ -252,6 +252,35 @@ def test_the_training_flow_launches_train_processes_through_torchrun(two_and_one
     assert processes_with_env(f"{MARK_ENV}={mark}") == []
 
 
+def test_a_launch_config_holds_absolute_paths(tmp_path, monkeypatch):
+    """A TrainConfig made in code may hold relative paths; the launched processes read the
+    YAML from the run folder, so they must get the paths as this process means them."""
+    from training.config import TrainConfig, load_train_config
+    from training.launch import write_launch_config
+
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(model="./model", dataset="store/mt", output_dir="runs", processes=2)
+    path = write_launch_config(config, tmp_path / "runs" / "v1")
+    again = load_train_config(path)
+    assert (again.model, again.dataset, again.output_dir) == (
+        str(tmp_path / "model"), str(tmp_path / "store" / "mt"), str(tmp_path / "runs"))
+    assert again.processes == 2
+
+
+def test_more_processes_than_gpus_is_refused_before_any_starts(monkeypatch):
+    from training.config import TrainConfig
+    from training.launch import check_gpus
+    from training.loop import TrainingError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_gpus(TrainConfig(model="m", dataset="d", processes=2))
+    with pytest.raises(TrainingError, match=r"train.processes: 4 processes need as many GPUs; "
+                       r"2 visible"):
+        check_gpus(TrainConfig(model="m", dataset="d", processes=4))
+    check_gpus(TrainConfig(model="m", dataset="d", processes=4, device="cpu"))  # gloo
+
+
 def _refuse_writes(root: str, rank: int) -> None:
     """Make every file-system change Python makes under `root` fail in this process.
 

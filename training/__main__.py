@@ -32,13 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="dataset version (default: the config's, latest)")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    if rank:  # rank 0 speaks for all: the others' warnings would repeat its own
-        logging.getLogger("cpo_data").setLevel(logging.ERROR)
+    # Rank 0 speaks for all (resuming, truncated examples, ...): the others would repeat it.
+    logging.basicConfig(level=logging.ERROR if rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cpo_data").setLevel(logging.ERROR if rank else logging.INFO)
     try:
+        config = load_train_config(args.config)
+        if config.processes > 1 and not distributed.launched():
+            logging.getLogger("cpo_data.training").warning(
+                "train.processes is %d, but no launcher started this process: training on "
+                "one. Use torchrun --nproc_per_node %d -m training ..., or cpo-data train.",
+                config.processes, config.processes)
         # A bar redraws one line; piped into a log (the training flow's launch) it would keep
         # every redraw in one line, so it shows on terminals only.
-        record = run_training(load_train_config(args.config), args.version,
-                              progress=sys.stderr.isatty())
+        record = run_training(config, args.version, progress=sys.stderr.isatty())
     except USER_ERRORS as error:
         print(f"error{f' (rank {rank})' if distributed.launched() else ''}: {error}",
               file=sys.stderr)

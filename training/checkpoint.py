@@ -42,7 +42,9 @@ def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: `_all` would create a CUDA context on every GPU from every
+        # process of a data-parallel run.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -51,7 +53,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _write_folder(final: Path, write: Callable[[Path], None]) -> Path:
@@ -112,11 +114,9 @@ def load_training_state(checkpoint: Path, optimizer, scheduler, rank: int = 0) -
     """Optimizer, scheduler and random-number state as they were when `checkpoint` was saved
     (weights are loaded by the caller, which knows whether they are an adapter).
 
-    Process `rank` of a data-parallel run takes its own random-number state, or rank 0's
-    when the checkpoint was made by fewer processes."""
+    Process `rank` of a data-parallel run takes its own random-number state (a checkpoint
+    resumes only with the process count it was made with: `loop._resume_point`)."""
     rng_file = checkpoint / _rng_file(rank)
-    if not rng_file.exists():
-        rng_file = checkpoint / _rng_file(0)
     # weights_only=False: the RNG state holds numpy arrays and Python tuples; the file is our
     # own, written by save_checkpoint.
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))

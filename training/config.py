@@ -205,7 +205,8 @@ class TrainConfig:
             _fail("max_prompt_length", f"must be below max_length ({self.max_length})")
 
 
-def _resolved(config: TrainConfig, base: Path, default_dataset: str | None) -> TrainConfig:
+def resolved(config: TrainConfig, base: Path, default_dataset: str | None) -> TrainConfig:
+    """`config` with its relative paths read against `base`."""
     lora = config.lora
     if lora.adapter:
         lora = dataclasses.replace(lora, adapter=_resolve_model(lora.adapter, base))
@@ -240,6 +241,6 @@ def load_train_config(path: str | Path) -> TrainConfig:
         if isinstance(publish, dict) and publish.get("uri") and publish.get("name"):
             default_dataset = dataset_uri(_resolve_path(str(publish["uri"]), base),
                                           str(publish["name"]))
-        return _resolved(config, base, default_dataset)
+        return resolved(config, base, default_dataset)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None

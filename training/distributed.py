@@ -18,12 +18,15 @@ pass is lost, which costs little for LoRA adapters.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from cpo_data.backends.torch_device import pick_device
 from training.forward import Logps
+
+BARRIER_TIMEOUT_MINUTES = 60
 
 # Gradient elements per all-reduce: few calls, and at most 128 MB (float32) of extra memory.
 _BUCKET = 32 * 2**20
@@ -46,10 +49,13 @@ def init(device_name: str) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)  # NCCL and object collectives use the current device
     if not dist.is_initialized():
+        # The others wait at a barrier while rank 0 writes a checkpoint: a 13B model's weights
+        # and optimizer state on network storage can take longer than the 10 min default.
+        timeout = timedelta(minutes=BARRIER_TIMEOUT_MINUTES)
         if device.type == "cuda":  # bound to its GPU, so barriers know which one to use
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return device
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from training.config import TrainConfig
+from training.config import TrainConfig, resolved
 from training.loop import TrainingError
 from training.run import RUN_MANIFEST
 
@@ -39,12 +39,29 @@ def launch_command(config_path: Path, version: str, processes: int) -> list[str]
 
 
 def write_launch_config(config: TrainConfig, run_dir: Path) -> Path:
+    """The config as a YAML file in the run folder. Relative paths (a `TrainConfig` built in
+    code) are made absolute first: the launched processes would read them against the file's
+    folder, not this process's working directory."""
     path = run_dir / LAUNCH_CONFIG
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = resolved(config, Path.cwd(), config.dataset)
     # Through JSON: tuples become lists, which the YAML loader reads back into tuples.
     train = json.loads(json.dumps(dataclasses.asdict(config)))
     path.write_text(yaml.safe_dump({"train": train}, sort_keys=False), encoding="utf-8")
     return path
+
+
+def check_gpus(config: TrainConfig) -> None:
+    """One GPU per process: more processes than visible GPUs is refused before any starts.
+    Without CUDA (or with `device: cpu`) the processes train on CPU (gloo), as tests do."""
+    import torch
+
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if config.processes > gpus:
+        raise TrainingError(f"train.processes: {config.processes} processes need as many GPUs; "
+                            f"{gpus} visible (CUDA_VISIBLE_DEVICES)")
 
 
 def train_launched(config: TrainConfig, version: str,
@@ -54,19 +71,30 @@ def train_launched(config: TrainConfig, version: str,
     The launched processes' output goes to `log` line by line (`python -m training` shows no
     progress bar when its output is not a terminal). A failed launch raises `TrainingError`
     naming the processes' errors, or with the end of their output."""
-    run_dir = Path(config.output_dir) / version
+    check_gpus(config)
+    run_dir = Path(config.output_dir).resolve() / version
     command = launch_command(write_launch_config(config, run_dir), version, config.processes)
     log(" ".join(command))
     tail: deque[str] = deque(maxlen=30)
     causes: dict[str, None] = {}  # the entry's own `error (rank N): ...` lines, in order
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as process:
-        for line in process.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            if line.startswith("error"):
-                causes[line] = None
-            log(line)
+        try:
+            for line in process.stdout:
+                line = line.rstrip()
+                tail.append(line)
+                if line.startswith("error"):
+                    causes[line] = None
+                log(line)
+        except BaseException:
+            # Cancelled or failed here (a Prefect cancellation, Ctrl-C): torchrun passes
+            # SIGTERM on to its workers; their GPUs must not outlive the flow.
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
     if process.returncode != 0:
         # torchrun's own report of which rank failed buries the cause; name it when known.
         raise TrainingError(f"training on {config.processes} processes failed (torchrun exit "
