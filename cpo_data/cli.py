@@ -18,7 +18,7 @@ from cpo_data.schema import SchemaError
 from cpo_data.score import ScoreError
 from cpo_data.sources import SourceError
 from pipelines.deploy import ServerError
-from training.loop import TrainingDiverged, TrainingError
+from training.errors import TrainingDiverged, TrainingError
 
 # Errors of input, config or environment: one line to the user, exit code 2 (not a traceback).
 USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from training.config import TrainConfig, resolved
-from training.loop import TrainingError
+from training.errors import TrainingError
 from training.run import RUN_MANIFEST
 
 LAUNCH_CONFIG = "launch_config.yaml"

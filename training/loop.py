@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from training import checkpoint as ckpt
 from training import distributed
 from training.config import TrainConfig
 from training.data import collate, tokenize_triplets
+from training.errors import TrainingDiverged, TrainingError
 from training.forward import (
     accepts_logits_to_keep,
     forward_logps,
@@ -46,6 +46,7 @@ from training.forward import (
     preference_loss,
     reference_logps,
 )
+from training.model import autocast_dtype, load_model, load_tokenizer, peak_memory_mb
 
 log = logging.getLogger("cpo_data.training")
 
@@ -56,19 +57,6 @@ FINAL_DIR = "final"
 # `_resume_settings` records itself.
 _RESUME_FREE = ("resume", "save_steps", "save_total_limit", "eval", "output_dir", "device",
                 "dataset", "version", "processes")
-
-
-class TrainingError(ValueError):
-    """Input the loop cannot train on; the message says which and why."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient stopped being finite; the last good weights are kept."""
-
-    def __init__(self, message: str, step: int, checkpoint: Path):
-        super().__init__(message)
-        self.step = step
-        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -126,91 +114,6 @@ def step_plan(examples: int, batch_size: int, accumulation: int, epochs: int,
         plan.extend(steps)
         epoch += 1
     return (plan[:max_steps] if max_steps else plan), per_epoch
-
-
-def load_tokenizer(config: TrainConfig) -> tuple[Any, str | None]:
-    """The model's tokenizer, and a note when EOS had to stand in for a missing pad token."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-    except (OSError, ValueError) as error:
-        raise TrainingError(f"train.model: cannot load a tokenizer from {config.model!r}: "
-                            f"{error}") from None
-    if tokenizer.eos_token_id is None:
-        raise TrainingError(f"train.model: the tokenizer of {config.model!r} has no EOS token; "
-                            "completions must end with one")
-    note = None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        # Safe: labels and attention masks come from sequence lengths, never from the pad id.
-        note = (f"the tokenizer of {config.model} has no pad token: padding with EOS "
-                f"({tokenizer.eos_token!r}, id {tokenizer.eos_token_id}); padded positions "
-                "carry no loss")
-        log.warning(note)
-    return tokenizer, note
-
-
-def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if config.precision == "bf16":
-        return torch.bfloat16
-    if config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def load_model(config: TrainConfig, device: torch.device, half: torch.dtype | None,
-               resume_from: Path | None):
-    """The model to train: base + LoRA adapter (new, continued or resumed), or all weights."""
-    from transformers import AutoModelForCausalLM
-
-    full_resume = resume_from is not None and config.finetune == "full"
-    source = str(resume_from) if full_resume else config.model
-    # A LoRA run never updates the base weights: hold them in half precision on GPU. Full
-    # fine-tuning keeps float32 master weights and runs the forward pass under autocast.
-    dtype = half if (half is not None and config.finetune == "lora") else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise TrainingError(f"train.model: cannot load {source!r}: {error}") from None
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.finetune == "lora":
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        adapter = str(resume_from) if resume_from is not None else config.lora.adapter
-        if adapter:
-            try:
-                model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-            except (OSError, ValueError) as error:
-                raise TrainingError(f"train.lora.adapter: cannot load {adapter!r}: "
-                                    f"{error}") from None
-        else:
-            targets = list(config.lora.target_modules) or None
-            if targets == ["all-linear"]:
-                targets = "all-linear"
-            lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
-                              lora_dropout=config.lora.dropout, target_modules=targets,
-                              task_type="CAUSAL_LM")
-            try:
-                model = get_peft_model(model, lora)
-            except ValueError as error:
-                raise TrainingError(f"train.lora.target_modules: {error}") from None
-    return model.to(device)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """GPU: the peak of torch's allocations. CPU: this process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # Not getrusage's ru_maxrss: a child process inherits its parent's, so a run started from
-    # a large process would report the parent's peak.
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
@@ -313,7 +216,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     main = rank == 0  # writes the run folder; the other processes only read it
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    half = _autocast_dtype(config, device)
+    half = autocast_dtype(config, device)
     resume_from = _resume_point(config, run_dir)
     set_seed(config.seed)  # before the adapter's random initialisation
 
@@ -426,7 +329,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         # The largest process's: the one closest to running out of memory.
-        peak, = distributed.reduce_numbers([_peak_memory_mb(device)], device, op="max")
+        peak, = distributed.reduce_numbers([peak_memory_mb(device)], device, op="max")
         metrics.update({
             "learning_rate": learning_rate, "grad_norm": float(grad_norm), "tokens": tokens,
             "tokens_per_second": tokens / seconds, "peak_memory_mb": peak,
