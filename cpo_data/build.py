@@ -239,14 +239,12 @@ def _stats(values: list[float]) -> dict[str, float]:
 def _compare_with_previous(summary: BuildSummary, run: BuildRun) -> None:
     """How many of this build's sources are new since the dataset's newest version."""
     ids = set(run.loaded.table.column("source_id").to_pylist())
-    dataset = store.dataset_uri(run.config.publish.uri, run.config.publish.name)
     try:
-        previous = store.read_manifest(dataset)["version"]
+        previous = store.read_manifest(summary.dataset_uri)["version"]
     except store.StoreError:  # a first build: no dataset or no version yet
         summary.sources_new = len(ids)
         return
-    before = set(store.read_triplets_table(dataset, previous).column("source_id").to_pylist())
-    before |= set(store.read_dropped(dataset, previous)["source_id"])
+    before = store.read_source_ids(summary.dataset_uri, previous)
     summary.previous_version = previous
     summary.sources_new = len(ids - before)
     summary.sources_reused = len(ids & before)

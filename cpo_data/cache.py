@@ -141,15 +141,15 @@ def cached_compute(
     """Values for `items` in order: from the cache where present, else from `compute` (called
     once, with the missing items only) and then stored. Returns the values and how many were
     computed now. Without a cache everything is computed."""
-    keys = [key(item) for item in items]
+    keys = [key(item) for item in items]  # once each: a key hashes the item's text
     cached = cache.get_many(set(keys)) if cache is not None else {}
-    missing = [item for item, k in zip(items, keys, strict=True) if k not in cached]
+    missing = [(k, item) for item, k in zip(items, keys, strict=True) if k not in cached]
     fresh: dict[str, Value] = {}
     if missing:
-        values = compute(missing)
+        values = compute([item for _, item in missing])
         if len(values) != len(missing):
             raise ValueError(f"{len(values)} results for {len(missing)} items")
-        fresh = {key(item): value for item, value in zip(missing, values, strict=True)}
+        fresh = {k: value for (k, _), value in zip(missing, values, strict=True)}
         if cache is not None:
             cache.put_many({k: to_json(v) for k, v in fresh.items()})
     return [fresh[k] if k in fresh else from_json(cached[k]) for k in keys], len(missing)

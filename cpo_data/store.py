@@ -264,6 +264,19 @@ def read_triplets(uri: str, version: str = "latest", *, name: str | None = None,
     return read_triplets_table(uri, version, name=name, verify=verify).to_pandas()
 
 
+def read_source_ids(uri: str, version: str = "latest", *, name: str | None = None) -> set[str]:
+    """The source ids a version holds, as a triplet or a dropped row. Only that column is
+    decoded: a refresh's summary needs no texts."""
+    manifest = read_manifest(uri, version, name=name)
+    fs, path, _ = _dataset_dir(uri, name)
+    ids: set[str] = set()
+    for entry in manifest["files"] + manifest["dropped_files"]:
+        data = fs.cat_file(posixpath.join(path, manifest["version"], entry["path"]))
+        table = pq.read_table(pa.BufferReader(data), columns=["source_id"], use_threads=False)
+        ids.update(table.column("source_id").to_pylist())
+    return ids
+
+
 def read_dropped(uri: str, version: str = "latest", *, name: str | None = None) -> pd.DataFrame:
     """What selection left out of one version, with a reason per row."""
     return _read_files(uri, version, name, "dropped_files", schema.DROPPED, False).to_pandas()

@@ -67,13 +67,14 @@ def _write_folder(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+def _write_pretrained(folder: Path, model, tokenizer) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def save_model(folder: Path, model, tokenizer) -> Path:
     """What `from_pretrained` reads (the adapter for LoRA, all weights otherwise), atomically."""
-    def write(partial: Path) -> None:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-
-    return _write_folder(folder, write)
+    return _write_folder(folder, lambda partial: _write_pretrained(partial, model, tokenizer))
 
 
 def _rng_file(rank: int) -> str:
@@ -92,8 +93,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     rng_states = rng_states or [rng_state()]
 
     def write(partial: Path) -> None:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        _write_pretrained(partial, model, tokenizer)
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         for rank, random_state in enumerate(rng_states):

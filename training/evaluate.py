@@ -45,14 +45,12 @@ def _translate(generator_config: GeneratorConfig, requests: list[Request]) -> li
     return [g.texts[0] for g in generated]
 
 
-def _scores(config: TrainConfig, rows: list[dict], outputs: list[str]) -> dict[str, dict]:
+def _scores(config: TrainConfig, rows: list[dict], outputs: list[str],
+            scorer=None) -> dict[str, dict]:  # noqa: ANN001 - a Scorer (eval.comet)
     import sacrebleu
 
     comet_scores: list[float] = []
-    if config.eval.comet is not None:
-        from cpo_data.backends.comet_score import load_scorer
-
-        scorer = load_scorer(config.eval.comet)
+    if scorer is not None:
         items = [ScoreItem(r["src"], mt, r["ref"] if scorer.needs_reference else None)
                  for r, mt in zip(rows, outputs, strict=True)]
         comet_scores = [result.score for result in scorer.score(items)]
@@ -109,4 +107,9 @@ def translation_quality(config: TrainConfig, model_dir: str) -> dict[str, dict]:
     path = Path(model_dir).parent / TRANSLATIONS_FILE
     path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
                     encoding="utf-8")
-    return {name: _scores(config, rows, texts) for name, texts in outputs.items()}
+    scorer = None
+    if config.eval.comet is not None:  # built once for the trained and the base outputs
+        from cpo_data.backends.comet_score import load_scorer
+
+        scorer = load_scorer(config.eval.comet)
+    return {name: _scores(config, rows, texts, scorer) for name, texts in outputs.items()}
