@@ -120,7 +120,7 @@ class SourcesConfig:
 
 DECODING_STRATEGIES = ("greedy", "beam", "sample")
 MODEL_KINDS = ("auto", "causal", "seq2seq")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 LANGUAGE_TOKENS = ("auto", "nllb", "m2m", "none")
 
 
@@ -241,7 +241,7 @@ class ScorerConfig:
     """comet: auto (cuda when available), cpu, cuda, cuda:N."""
     dtype: str = "float32"
     """comet: float32 gives COMET's own numbers; bfloat16/float16 (or auto: half on GPU) are
-    faster and lighter but move scores slightly."""
+    faster and lighter but move scores slightly; float64 is for checking exactness (slow)."""
     bleu_tokenize: str = "13a"
     """bleu: a sacrebleu tokenizer that needs no download (13a, intl, char, zh, none)."""
 

@@ -26,12 +26,35 @@ def checkpoints(tmp_path_factory):
     return {kind: str(build_tiny_comet(root / kind, kind)) for kind in ("kiwi", "xcomet")}
 
 
-def _predict(checkpoint, items, batch_size=4):
+# Where a test checks that our scoring path computes what COMET's `predict()` computes, with
+# other batches (other padding, so other reduction orders in the kernels), both run in float64:
+# a score is a few thousand roundings deep in these tiny encoders, each within float64's
+# 1.1e-16, so n * u bounds the difference near 1e-12 on any CPU; a different input, weight or
+# pooling moves a score by far more than 1e-6. At float32 the same comparison is made with the
+# same shapes on both sides (one item per batch), where the kernels are the same: bit for bit.
+EXACT = 1e-12
+
+
+def _predict(checkpoint, items, batch_size=4, dtype=torch.float64):
     import comet
 
-    model = comet.load_from_checkpoint(checkpoint, local_files_only=True)
+    model = comet.load_from_checkpoint(checkpoint, local_files_only=True).to(dtype)
     return model.predict([{"src": i.src, "mt": i.mt} for i in items], batch_size=batch_size,
                          gpus=0, progress_bar=False)
+
+
+def assert_same_spans(ours, theirs):
+    """The same error spans; confidences (probabilities) equal within float64 rounding."""
+    assert len(ours) == len(theirs)
+    for mine, their in zip(ours, theirs, strict=True):
+        assert [{**span, "confidence": None} for span in mine] == \
+            [{**span, "confidence": None} for span in their]
+        assert [span["confidence"] for span in mine] == pytest.approx(
+            [span["confidence"] for span in their], abs=EXACT)
+
+
+def _scorer(checkpoint, name="k", dtype="float64", **settings):
+    return load_scorer(ScorerConfig(name=name, model=checkpoint, dtype=dtype, **settings))
 
 
 def _tables(pairs, refs=None):
@@ -57,15 +80,24 @@ def _tables(pairs, refs=None):
 def test_scores_equal_comet_predict_in_any_order_and_batch_size(checkpoints, kind, budget, seed):
     items = ITEMS[:]
     random.Random(seed).shuffle(items)
-    scorer = load_scorer(ScorerConfig(name=kind, model=checkpoints[kind], token_budget=budget))
-    ours = scorer.score(items)
+    ours = _scorer(checkpoints[kind], kind, token_budget=budget).score(items)
     theirs = _predict(checkpoints[kind], items, batch_size=3 + seed)
-    assert [r.score for r in ours] == pytest.approx(theirs.scores, abs=1e-5)
+    assert [r.score for r in ours] == pytest.approx(theirs.scores, abs=EXACT)
     assert len({round(r.score, 4) for r in ours}) > 5  # the scores really differ by item
     if kind == "xcomet":
-        assert [r.error_spans for r in ours] == theirs["metadata"]["error_spans"]
+        assert_same_spans([r.error_spans for r in ours], theirs["metadata"]["error_spans"])
     else:
         assert all(r.error_spans is None for r in ours)
+
+
+@pytest.mark.parametrize("kind", ["kiwi", "xcomet"])
+def test_float32_scores_are_comet_predict_s_bit_for_bit(checkpoints, kind):
+    """The default dtype: same shapes (one item per batch) give COMET's own float32 numbers."""
+    ours = _scorer(checkpoints[kind], kind, dtype="float32", max_batch_size=1).score(ITEMS)
+    theirs = _predict(checkpoints[kind], ITEMS, batch_size=1, dtype=torch.float32)
+    assert [r.score for r in ours] == theirs.scores
+    if kind == "xcomet":
+        assert [r.error_spans for r in ours] == theirs["metadata"]["error_spans"]
 
 
 def test_checkpoint_survives_save_and_load(checkpoints, tmp_path):
@@ -94,7 +126,7 @@ def test_a_model_folder_and_its_checkpoint_file_load_the_same(checkpoints):
 
 
 def test_out_of_memory_halves_the_batch_with_the_same_scores(checkpoints, monkeypatch):
-    scorer = CometScorer(ScorerConfig(name="k", model=checkpoints["kiwi"]))
+    scorer = CometScorer(ScorerConfig(name="k", model=checkpoints["kiwi"], dtype="float64"))
     expected = [r.score for r in scorer.score(ITEMS)]
     real = scorer._score_batch
 
@@ -104,7 +136,7 @@ def test_out_of_memory_halves_the_batch_with_the_same_scores(checkpoints, monkey
         return real(items)
 
     monkeypatch.setattr(scorer, "_score_batch", small_gpu)
-    assert [r.score for r in scorer.score(ITEMS)] == pytest.approx(expected, abs=1e-6)
+    assert [r.score for r in scorer.score(ITEMS)] == pytest.approx(expected, abs=EXACT)
     assert scorer.oom_splits > 0
 
 
@@ -128,13 +160,13 @@ def test_token_memo_gives_the_tensors_comet_builds(checkpoints):
 
 
 def test_long_segments_are_counted_as_truncated(checkpoints, caplog):
-    scorer = load_scorer(ScorerConfig(name="k", model=checkpoints["kiwi"]))
+    scorer = _scorer(checkpoints["kiwi"])
     long = ScoreItem(" ".join(SOURCES * 20), "The train leaves.")
     with caplog.at_level(logging.WARNING):
         results = scorer.score([long, ITEMS[0]])
     assert scorer.last_truncated == 1 and "exceed the encoder's 128 tokens" in caplog.text
     assert results[0].score == pytest.approx(_predict(checkpoints["kiwi"], [long]).scores[0],
-                                             abs=1e-5)
+                                             abs=EXACT)
 
 
 # ---- the scoring stage ---------------------------------------------------------------------------
@@ -157,13 +189,13 @@ def test_duplicate_pairs_are_scored_once_and_joined_back(checkpoints):
     src = SOURCES[0]
     candidates, sources = _tables([(src, OUTPUTS)])
     twice = pa.concat_tables([candidates, candidates])  # e.g. two builds' candidates together
-    scorer = load_scorer(ScorerConfig(name="kiwi", model=checkpoints["kiwi"]))
+    scorer = _scorer(checkpoints["kiwi"], "kiwi")
     result = score_candidates(twice, sources, ScoreConfig(), [scorer])
     assert result.report.rows == {"kiwi": 10} and result.report.distinct == {"kiwi": 5}
     rows = result.table.to_pylist()
     assert len(rows) == 10 and rows[:5] == rows[5:]
     expected = _predict(checkpoints["kiwi"], [ScoreItem(src, m) for m in OUTPUTS]).scores
-    assert [r["score"] for r in rows[:5]] == pytest.approx(expected, abs=1e-5)
+    assert [r["score"] for r in rows[:5]] == pytest.approx(expected, abs=EXACT)
 
 
 def test_xcomet_error_spans_reach_the_scores_table(checkpoints):

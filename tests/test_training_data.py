@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from cpo_data.testing import train_tokenizer
-from training.data import IGNORE, collate, tokenize_triplets
+from training.data import EMPTY_COMPLETION, IGNORE, collate, tokenize_triplets
 
 PROMPT = "Translate this from German to English:\nGerman: Es regnet.\nEnglish:"
 
@@ -79,8 +79,80 @@ def test_truncation_keeps_the_prompt_end_and_counts(tokenizer):
     end = _ids(tokenizer, "\nEnglish:")
     assert first.chosen_ids[16 - len(end): 16] == end
     assert first.chosen_ids[-1] != tokenizer.eos_token_id  # the cut completion lost its EOS
-    assert len(first.rejected_ids) <= 64 and first.rejected_ids[-1] == tokenizer.eos_token_id
+    # The short side fits whole after the pair's one prompt cut, EOS included.
+    assert first.rejected_ids == first.chosen_ids[:16] + _ids(tokenizer, " Rain.") + [
+        tokenizer.eos_token_id]
     assert examples[1].chosen_ids[-1] == tokenizer.eos_token_id
+
+
+def test_a_prompt_shorter_than_its_limit_is_kept_whole(tokenizer):
+    """Only the completion is cut when the prompt is within max_prompt_length (a 40-token
+    prompt under 96 / 48 keeps all 40 on both sides, not its last 7)."""
+    assert len(_ids(tokenizer, PROMPT)) == 40
+    rows = [{"prompt": PROMPT, "chosen": " Rain.", "rejected": " It has been raining." * 10}]
+    (example,), report = tokenize_triplets(tokenizer, rows, max_length=96, max_prompt_length=48)
+    assert report.truncated == 1
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    prompt = [bos] + _ids(tokenizer, PROMPT)
+    assert example.chosen_prompt_length == example.rejected_prompt_length == len(prompt)
+    assert example.chosen_ids == [bos] + _ids(tokenizer, PROMPT + " Rain.") + [eos]
+    assert example.rejected_ids[: len(prompt)] == prompt
+    assert len(example.rejected_ids) == 96 and example.rejected_ids[-1] != eos
+
+
+def test_one_prompt_cut_serves_both_sides(tokenizer):
+    """prompt + chosen fits and prompt + rejected does not: both sides still get one prompt."""
+    prompt = "Translate: " + "Es regnet seit gestern. " * 3 + "\nEnglish:"  # 49 tokens
+    rows = [{"prompt": prompt, "chosen": " Rain.", "rejected": " It has been raining." * 10}]
+    assert 1 + len(_ids(tokenizer, prompt + " Rain.")) + 1 <= 80
+    (example,), report = tokenize_triplets(tokenizer, rows, max_length=80, max_prompt_length=24)
+    assert report.truncated == 1
+    assert example.chosen_prompt_length == example.rejected_prompt_length == 24
+    assert example.chosen_ids[:24] == example.rejected_ids[:24]
+    assert example.chosen_ids[1:24] == _ids(tokenizer, prompt)[-23:]
+    assert example.chosen_ids[24:] == _ids(tokenizer, " Rain.") + [tokenizer.eos_token_id]
+    assert len(example.rejected_ids) == 80
+
+
+def test_a_prompt_longer_than_max_length_leaves_every_completion_tokens(tokenizer):
+    """Where a completion-only cut (TRL's) would leave the completion nothing, the prompt is
+    cut: every completion keeps at least max_length - max_prompt_length tokens."""
+    prompt = "Translate: " + "Es regnet seit gestern. " * 20 + "\nEnglish:"
+    assert len(_ids(tokenizer, prompt)) > 32
+    rows = [{"prompt": prompt, "chosen": " It is raining heavily today.", "rejected": " Rain."}]
+    (example,), _ = tokenize_triplets(tokenizer, rows, max_length=32, max_prompt_length=24)
+    for ids, prompt_length, text in ((example.chosen_ids, example.chosen_prompt_length,
+                                      " It is raining heavily today."),
+                                     (example.rejected_ids, example.rejected_prompt_length,
+                                      " Rain.")):
+        assert prompt_length == 24 and len(ids) <= 32
+        completion = (_ids(tokenizer, text) + [tokenizer.eos_token_id])[: 32 - 24]
+        assert ids[24:] == completion and len(completion) >= 1
+
+
+@pytest.mark.parametrize("empty", ["", "</s>"])
+@pytest.mark.parametrize("side", ["chosen", "rejected"])
+def test_a_pair_with_an_empty_completion_is_left_out_and_counted(tokenizer, side, empty):
+    rows = [{"id": "a", "prompt": PROMPT, "chosen": " Rain.", "rejected": " It rains."},
+            {"id": "b", "prompt": PROMPT, "chosen": " Rain.", "rejected": " It rains."},
+            {"id": "c", "prompt": PROMPT, "chosen": " It rains.", "rejected": " Rain."}]
+    rows[1][side] = empty
+    examples, report = tokenize_triplets(tokenizer, rows)
+    assert len(examples) == report.examples == 2
+    assert report.left_out == {EMPTY_COMPLETION: 1} and report.left_out_ids == ["b"]
+    assert examples == tokenize_triplets(tokenizer, [rows[0], rows[2]])[0]
+
+
+def test_bos_and_eos_the_texts_carry_are_not_doubled(tokenizer):
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    plain = {"prompt": PROMPT, "chosen": " It is raining.", "rejected": " Rain."}
+    marked = {"prompt": "<s>" + PROMPT, "chosen": " It is raining.</s>",
+              "rejected": " Rain.</s>"}
+    assert _ids(tokenizer, marked["prompt"])[0] == bos  # the texts really carry them
+    assert _ids(tokenizer, marked["chosen"])[-1] == eos
+    (expected, got), _ = tokenize_triplets(tokenizer, [plain, marked])
+    assert got == expected
+    assert got.chosen_ids.count(bos) == 1 and got.chosen_ids.count(eos) == 1
 
 
 def test_prompt_limit_must_leave_room(tokenizer):

@@ -20,6 +20,17 @@ from training.forward import forward_logps, reference_logps
 from training.loop import TrainingDiverged, TrainingError, train
 
 TIMING = ("tokens_per_second", "peak_memory_mb")
+# Two ways of computing one step that are the same mechanism (another micro-batch split,
+# recomputed activations) run in float64 (`precision: fp64`): they differ only in summation
+# order, a few thousand float64 roundings (1.1e-16 each) deep in this tiny model, so n * u
+# bounds the relative difference near 1e-12 on any CPU, where float32 differences of ~1e-6
+# depend on the CPU's kernels. A mechanism mistake (a per-micro-batch token mean, a token too
+# many or too few) moves the loss by more than 1e-3.
+SAME = 1e-10
+# Adam divides a gradient by its own running size (plus eps 1e-8), so rounding noise in a
+# gradient that is zero in exact arithmetic (~1e-17 here) can move a weight by up to
+# lr * noise / eps = 1e-2 * 1e-17 / 1e-8 = 1e-11; a scaling mistake moves it by ~lr (1e-2).
+SAME_WEIGHTS = 1e-9
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +121,7 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(model_dir, triplets, t
     """Same examples per step, different split: same loss, gradient norm and weights. The
     micro-batches hold different token counts, so a per-micro-batch token mean would differ."""
     models = capture_models(monkeypatch)
-    common = dict(finetune="full", max_steps=2, max_grad_norm=0.0, loss=loss)
+    common = dict(finetune="full", max_steps=2, max_grad_norm=0.0, loss=loss, precision="fp64")
     train(make_config(model_dir, batch_size=4, gradient_accumulation_steps=1, **common),
           triplets[:8], tmp_path / "one", progress=False)
     train(make_config(model_dir, batch_size=2, gradient_accumulation_steps=2, **common),
@@ -120,12 +131,11 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(model_dir, triplets, t
                             strict=True):
         assert whole["tokens"] == split["tokens"]
         for key in ("loss", "nll_loss", "grad_norm", "rewards/margins"):
-            assert split[key] == pytest.approx(whole[key], rel=1e-5), key
+            assert split[key] == pytest.approx(whole[key], rel=SAME), key
     (one, _), (two, _) = models
     for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters(), strict=True):
-        # Adam divides by the gradient's own size, so float noise in a near-zero gradient
-        # moves a weight by up to ~1e-6; a scaling mistake moves it by ~lr (1e-2).
-        assert torch.allclose(a, b, atol=1e-5, rtol=0), name
+        assert a.dtype == torch.float64
+        assert torch.allclose(a, b, atol=SAME_WEIGHTS, rtol=0), name
 
 
 def test_a_resumed_run_continues_exactly(model_dir, triplets, tmp_path):
@@ -170,7 +180,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(model_dir, triplet
 
 
 def test_dpo_reference_is_the_model_with_its_adapter_off(model_dir, triplets):
-    config = make_config(model_dir, loss="dpo")
+    config = make_config(model_dir, loss="dpo", precision="fp64")
     model = loop.load_model(config, torch.device("cpu"), None, None).eval()
     with torch.no_grad():  # an adapter that changes the outputs
         for name, parameter in model.named_parameters():
@@ -179,15 +189,16 @@ def test_dpo_reference_is_the_model_with_its_adapter_off(model_dir, triplets):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, _ = tokenize_triplets(tokenizer, triplets[:3])
     batch = collate(examples, tokenizer.pad_token_id)
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
 
     with torch.no_grad():
         policy = forward_logps(model, batch, False, True)
         reference = reference_logps(model, batch, True)
         policy_again = forward_logps(model, batch, False, True)
         expected = forward_logps(base, batch, False, True)
-    assert torch.allclose(reference.chosen_sum, expected.chosen_sum, atol=1e-5)
-    assert torch.allclose(reference.rejected_sum, expected.rejected_sum, atol=1e-5)
+    assert reference.chosen_sum.dtype == torch.float64
+    assert torch.allclose(reference.chosen_sum, expected.chosen_sum, rtol=SAME, atol=0)
+    assert torch.allclose(reference.rejected_sum, expected.rejected_sum, rtol=SAME, atol=0)
     assert (policy.chosen_sum - reference.chosen_sum).abs().min() > 1e-2
     assert torch.equal(policy.chosen_sum, policy_again.chosen_sum)  # adapter back on
 
@@ -263,14 +274,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(model_dir, triplets, tmp
 
 
 def test_gradient_checkpointing_gives_the_same_step(model_dir, triplets, tmp_path):
-    plain = make_config(model_dir, max_steps=2)
+    plain = make_config(model_dir, max_steps=2, precision="fp64")
     checkpointed = dataclasses.replace(plain, gradient_checkpointing=True)
     train(plain, triplets, tmp_path / "plain", progress=False)
     train(checkpointed, triplets, tmp_path / "ckpt", progress=False)
     for a, b in zip(step_metrics(tmp_path / "plain"), step_metrics(tmp_path / "ckpt"),
                     strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=SAME)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=SAME)
 
 
 def test_a_finished_run_rerun_trains_nothing_and_keeps_one_closing_evaluation(

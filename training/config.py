@@ -32,7 +32,7 @@ from training.losses import CPO_LOSS_TYPES
 LOSSES = ("cpo", "orpo", "dpo")
 FINETUNE = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "inverse_sqrt", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32", "fp64")
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more time."""
     precision: str = "auto"
-    """auto (bf16 autocast on GPUs that support it, else fp32), bf16 or fp32."""
+    """auto (bf16 autocast on GPUs that support it, else fp32), bf16, fp32, or fp64 (float64
+    weights and arithmetic: for checking that two ways of computing a step agree; slow)."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda, cuda:N."""
     processes: int = 1

@@ -5,12 +5,22 @@ tokens end: tokenizing them apart can merge or split tokens at the boundary diff
 what the model sees at inference (a known pitfall of preference training). Where the joint
 tokenization changes the prompt's last tokens, the split falls at the longest common prefix.
 
-- The prompt starts with BOS when the tokenizer has one; chosen and rejected end with EOS.
+- The prompt starts with one BOS when the tokenizer has one, and each completion ends with one
+  EOS; a text that already carries them (`<s>...`, `...</s>`) does not get a second.
 - Prompt tokens carry no loss (label -100).
-- Truncation rule, for an example longer than `max_length` tokens: first the prompt is cut to
-  `max_prompt_length` tokens, keeping its end (the part next to the completion; BOS stays in
-  front); then each completion is cut at its end to fit `max_length`, losing its EOS. Every
-  truncated example is counted in `TokenizeReport.truncated`.
+- Truncation, per pair: when prompt + chosen or prompt + rejected is longer than `max_length`,
+  the prompt is cut once for both sides to at most `max_prompt_length` tokens, keeping its end
+  (the part next to the completion; BOS stays in front); a prompt that is already that short
+  is kept whole. Then each completion longer than what is left of `max_length` loses its end
+  (and its EOS). As `max_prompt_length < max_length`, every completion keeps at least one
+  token. Cut pairs are counted in `TokenizeReport.truncated`.
+- A pair whose chosen or rejected completion has no tokens of its own (an empty text, or one
+  that adds no token to the prompt's) is left out and counted in `TokenizeReport.left_out`:
+  an EOS alone would teach the model to answer with nothing, and a per-token mean over no
+  tokens is undefined.
+
+TRL's CPO/ORPO trainers never cut the prompt: they cut the completion to what the prompt
+leaves of `max_length`, down to nothing when the prompt alone fills it.
 """
 
 from __future__ import annotations
@@ -21,11 +31,14 @@ from dataclasses import dataclass, field
 import torch
 
 IGNORE = -100
+EMPTY_COMPLETION = "empty_completion"
+"""Why a pair is left out: a completion with no tokens of its own."""
 
 
 @dataclass
 class Example:
-    """One triplet as token ids; `*_ids` are prompt + completion."""
+    """One triplet as token ids; `*_ids` are prompt + completion. The two prompts are the same
+    tokens except where the joint tokenization merges the last one with the completion."""
 
     chosen_ids: list[int]
     rejected_ids: list[int]
@@ -36,10 +49,15 @@ class Example:
 @dataclass
 class TokenizeReport:
     examples: int = 0
+    """Examples made (left-out pairs not included)."""
     truncated: int = 0
     """Examples cut by the truncation rule."""
     truncated_ids: list[str] = field(default_factory=list)
     """Triplet ids of the truncated examples (first 20)."""
+    left_out: dict[str, int] = field(default_factory=dict)
+    """Pairs left out, per reason (`empty_completion`)."""
+    left_out_ids: list[str] = field(default_factory=list)
+    """Triplet ids of the left-out pairs (first 20)."""
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -58,26 +76,42 @@ def _split(tokenizer, prompt: str, prompt_ids: list[int],
     return full[:common], full[common:]
 
 
+def _strip(ids: list[int], token: int | None, leading: bool) -> list[int]:
+    """`ids` without the special `token` the text itself carried at its start (or end)."""
+    if token is None:
+        return ids
+    if leading:
+        while ids[:1] == [token]:
+            ids = ids[1:]
+    else:
+        while ids[-1:] == [token]:
+            ids = ids[:-1]
+    return ids
+
+
 def tokenize_triplet(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int,
-                     max_prompt_length: int) -> tuple[Example, bool]:
-    """Token ids of one triplet, and whether the truncation rule cut it."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id]
-    sides = []
-    truncated = False
+                     max_prompt_length: int) -> tuple[Example | None, bool]:
+    """Token ids of one triplet (None when it is left out), and whether truncation cut it."""
+    bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos = [bos_id] if bos_id is not None else []
     prompt_alone = _ids(tokenizer, prompt)  # once: both sides share it
+    sides = []
     for completion in (chosen, rejected):
         prompt_ids, answer_ids = _split(tokenizer, prompt, prompt_alone, completion)
-        answer_ids = answer_ids + eos
-        if len(bos) + len(prompt_ids) + len(answer_ids) > max_length:
-            truncated = True
-            keep = max(max_prompt_length - len(bos), 0)
-            prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep else []
-            answer_ids = answer_ids[: max(max_length - len(bos) - len(prompt_ids), 0)]
-        sides.append((bos + prompt_ids, answer_ids))
+        answer_ids = _strip(answer_ids, eos_id, leading=False)
+        if not answer_ids:
+            return None, False
+        sides.append((_strip(prompt_ids, bos_id, leading=True), answer_ids + [eos_id]))
+    truncated = max(len(bos) + len(p) + len(a) for p, a in sides) > max_length
+    if truncated:
+        # One cut for the pair: the same leading prompt tokens leave both sides, so chosen and
+        # rejected keep one prompt. Never more than the prompt has (a short prompt stays whole).
+        keep = max(max_prompt_length - len(bos), 0)
+        drop = max(max(len(p) for p, _ in sides) - keep, 0)
+        sides = [(p[drop:], a[: max_length - len(bos) - len(p[drop:])]) for p, a in sides]
     (chosen_prompt, chosen_answer), (rejected_prompt, rejected_answer) = sides
-    return Example(chosen_prompt + chosen_answer, rejected_prompt + rejected_answer,
-                   len(chosen_prompt), len(rejected_prompt)), truncated
+    return Example(bos + chosen_prompt + chosen_answer, bos + rejected_prompt + rejected_answer,
+                   len(bos) + len(chosen_prompt), len(bos) + len(rejected_prompt)), truncated
 
 
 def tokenize_triplets(tokenizer, rows: Sequence[dict], max_length: int = 512,
@@ -91,12 +125,18 @@ def tokenize_triplets(tokenizer, rows: Sequence[dict], max_length: int = 512,
     for number, row in enumerate(rows):
         example, truncated = tokenize_triplet(tokenizer, row["prompt"], row["chosen"],
                                               row["rejected"], max_length, max_prompt_length)
+        row_id = str(row.get("id", number))
+        if example is None:
+            report.left_out[EMPTY_COMPLETION] = report.left_out.get(EMPTY_COMPLETION, 0) + 1
+            if len(report.left_out_ids) < 20:
+                report.left_out_ids.append(row_id)
+            continue
         examples.append(example)
         report.examples += 1
         if truncated:
             report.truncated += 1
             if len(report.truncated_ids) < 20:
-                report.truncated_ids.append(str(row.get("id", number)))
+                report.truncated_ids.append(row_id)
     return examples, report
 
 

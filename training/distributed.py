@@ -156,12 +156,14 @@ def broadcast_parameters(parameters: list[torch.Tensor]) -> None:
             dist.broadcast(parameter, src=0)
 
 
-def gather_logps(parts: list[Logps], start: int, total: int, device: torch.device) -> Logps:
+def gather_logps(parts: list[Logps], start: int, total: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Logps:
     """Every process's per-pair log-probabilities in pair order, from each process's `parts`
     holding pairs `start`... of `total`; so metrics are computed over the whole batch.
+    `dtype` is the log-probabilities' own (float32, or float64 for an fp64 run).
 
     Each process writes its rows into a zero table at its own place and the tables are added:
-    one all-reduce, exact (x + 0 = x; float32 sums and integer counts fit float64)."""
+    one all-reduce, exact (x + 0 = x; float32/float64 sums and integer counts fit float64)."""
     if not active():
         return Logps.cat(parts)
     columns = Logps.columns()
@@ -171,7 +173,7 @@ def gather_logps(parts: list[Logps], start: int, total: int, device: torch.devic
         rows = torch.stack([getattr(mine, name).double() for name in columns], dim=1)
         table[start: start + rows.shape[0]] = rows
     dist.all_reduce(table)
-    return Logps(*(table[:, i].to(torch.long if name.endswith("_count") else torch.float32)
+    return Logps(*(table[:, i].to(torch.long if name.endswith("_count") else dtype)
                    for i, name in enumerate(columns)))
 
 

@@ -36,7 +36,7 @@ import torch
 from training import checkpoint as ckpt
 from training import distributed
 from training.config import TrainConfig
-from training.data import collate, tokenize_triplets
+from training.data import TokenizeReport, collate, tokenize_triplets
 from training.errors import TrainingDiverged, TrainingError
 from training.forward import (
     accepts_logits_to_keep,
@@ -46,7 +46,13 @@ from training.forward import (
     preference_loss,
     reference_logps,
 )
-from training.model import autocast_dtype, load_model, load_tokenizer, peak_memory_mb
+from training.model import (
+    autocast_dtype,
+    load_model,
+    load_tokenizer,
+    logps_dtype,
+    peak_memory_mb,
+)
 
 log = logging.getLogger("cpo_data.training")
 
@@ -71,6 +77,8 @@ class TrainResult:
     held_out_rows: int
     truncated: int
     """Training examples cut by the truncation rule."""
+    left_out: dict[str, int]
+    """Triplets (training and held-out) that tokenizing left out, per reason."""
     last_metrics: dict[str, float]
     eval_metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -114,6 +122,19 @@ def step_plan(examples: int, batch_size: int, accumulation: int, epochs: int,
         plan.extend(steps)
         epoch += 1
     return (plan[:max_steps] if max_steps else plan), per_epoch
+
+
+def _left_out(train: TokenizeReport, held: TokenizeReport, notes: list[str]) -> dict[str, int]:
+    """Left-out pairs of both parts, per reason; says so in the log and in `notes`."""
+    counts = {reason: train.left_out.get(reason, 0) + held.left_out.get(reason, 0)
+              for reason in train.left_out.keys() | held.left_out.keys()}
+    if counts:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+        ids = ", ".join((train.left_out_ids + held.left_out_ids)[:5])
+        notes.append(f"{sum(counts.values())} triplet(s) left out because a completion has no "
+                     f"tokens of its own ({reasons}; e.g. {ids})")
+        log.warning(notes[-1])
+    return counts
 
 
 def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
@@ -182,8 +203,9 @@ def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
             if config.loss == "dpo":
                 references.append(reference_logps(model, batch, trim))
     model.train(was_training)
-    logps = distributed.gather_logps(parts, first, len(examples), device)
-    reference = (distributed.gather_logps(references, first, len(examples), device)
+    dtype = logps_dtype(config)
+    logps = distributed.gather_logps(parts, first, len(examples), device, dtype)
+    reference = (distributed.gather_logps(references, first, len(examples), device, dtype)
                  if config.loss == "dpo" else None)
     metrics = preference_loss(config, logps, reference).metrics
     return {f"eval/{name}": value for name, value in metrics.items()}
@@ -224,12 +246,17 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     train_rows, held_rows = split_held_out(rows, config.eval.held_out, config.seed)
     examples, report = tokenize_triplets(tokenizer, train_rows, config.max_length,
                                          config.max_prompt_length)
-    held_examples, _ = tokenize_triplets(tokenizer, held_rows, config.max_length,
-                                         config.max_prompt_length)
+    held_examples, held_report = tokenize_triplets(tokenizer, held_rows, config.max_length,
+                                                   config.max_prompt_length)
     if report.truncated:
         log.warning("%d of %d training triplets were longer than max_length %d and were cut "
                     "(e.g. %s)", report.truncated, report.examples, config.max_length,
                     ", ".join(report.truncated_ids[:5]))
+    notes = [pad_note] if pad_note else []
+    left_out = _left_out(report, held_report, notes)
+    if not examples:
+        raise TrainingError(f"none of the {len(train_rows)} training triplets is left to train "
+                            f"on: {notes[-1]}")
 
     model = load_model(config, device, half, resume_from)
     model.train()
@@ -259,6 +286,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         _keep_metrics_until(metrics_path, start, total_steps)
 
     trim = accepts_logits_to_keep(model)
+    dtype = logps_dtype(config)
     full_nll = nll_covers_prompt(config)
     pad_id = tokenizer.pad_token_id
     checkpoint_state = {"config": _resume_settings(config, world), **(manifest or {})}
@@ -308,8 +336,8 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         distributed.sum_gradients(trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
         with torch.no_grad():  # over the whole step's pairs, from every process
-            step_logps = distributed.gather_logps(parts, first, pairs, device)
-            step_reference = (distributed.gather_logps(references, first, pairs, device)
+            step_logps = distributed.gather_logps(parts, first, pairs, device, dtype)
+            step_reference = (distributed.gather_logps(references, first, pairs, device, dtype)
                               if config.loss == "dpo" else None)
             metrics = preference_loss(config, step_logps, step_reference).metrics
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
@@ -364,5 +392,5 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     return TrainResult(
         run_dir=str(run_dir), model_dir=str(final), steps=total_steps,
         resumed_from_step=start, train_rows=len(train_rows), held_out_rows=len(held_rows),
-        truncated=report.truncated, last_metrics=metrics, eval_metrics=eval_metrics,
-        notes=[pad_note] if pad_note else [])
+        truncated=report.truncated, left_out=left_out, last_metrics=metrics,
+        eval_metrics=eval_metrics, notes=notes)

@@ -48,9 +48,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor,
     # flattening it would copy the largest tensor of the step.
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)],
                         dim=1)
-    # Fused log-softmax + gather in float32: bf16 log-probabilities of long sequences lose
-    # whole nats, and the fused kernel keeps no second vocabulary-sized copy for the gather.
-    logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+    # Fused log-softmax + gather in at least float32: bf16 log-probabilities of long
+    # sequences lose whole nats, and the fused kernel keeps no second vocabulary-sized copy
+    # for the gather. A float64 model (exactness checks) keeps float64.
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logps = -F.cross_entropy(wide.flatten(0, 1), targets.flatten(),
                              ignore_index=ignore_index, reduction="none")
     # The last position predicts nothing; drop it (a view, no copy).
     return logps.view(targets.shape)[:, :-1], (targets != ignore_index)[:, :-1]

@@ -47,6 +47,11 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return None
 
 
+def logps_dtype(config: TrainConfig) -> torch.dtype:
+    """What `token_logps` returns: float32 (from bf16 or fp32 logits), float64 for fp64."""
+    return torch.float64 if config.precision == "fp64" else torch.float32
+
+
 def load_model(config: TrainConfig, device: torch.device, half: torch.dtype | None,
                resume_from: Path | None):
     """The model to train: base + LoRA adapter (new, continued or resumed), or all weights."""
@@ -57,6 +62,8 @@ def load_model(config: TrainConfig, device: torch.device, half: torch.dtype | No
     # A LoRA run never updates the base weights: hold them in half precision on GPU. Full
     # fine-tuning keeps float32 master weights and runs the forward pass under autocast.
     dtype = half if (half is not None and config.finetune == "lora") else torch.float32
+    if config.precision == "fp64":
+        dtype = torch.float64
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as error:
@@ -84,6 +91,8 @@ def load_model(config: TrainConfig, device: torch.device, half: torch.dtype | No
                 model = get_peft_model(model, lora)
             except ValueError as error:
                 raise TrainingError(f"train.lora.target_modules: {error}") from None
+    if config.precision == "fp64":
+        model = model.double()  # peft makes new adapters in float32 whatever the base holds
     return model.to(device)
 
 

@@ -202,7 +202,7 @@ class CometScorer:
         inputs = _to_device(self.model.prepare_for_inference(self._samples(items)), self.device)
         prediction = self.model.predict_step(inputs)
         self.batches += 1
-        scores = prediction["scores"].float().tolist()
+        scores = prediction["scores"].double().tolist()  # exact for every dtype, float64 too
         spans = None
         if "metadata" in prediction and "error_spans" in prediction["metadata"]:
             spans = prediction["metadata"]["error_spans"]

@@ -116,7 +116,8 @@ class HFGenerator:
             # A folder is known by its content, so moving it keeps the cache; a hub id by name.
             "model": None if Path(config.model).expanduser().is_dir() else config.model,
             "weights": weights_fingerprint(config.model, config.revision),
-            "adapter": config.adapter,
+            "adapter": (None if config.adapter and Path(config.adapter).expanduser().is_dir()
+                        else config.adapter),
             "adapter_weights": (weights_fingerprint(config.adapter, None)
                                 if config.adapter else None),
             "dtype": str(self.model.dtype),
