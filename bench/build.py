@@ -40,8 +40,8 @@ import yaml  # noqa: E402
 
 from cpo_data import build, store  # noqa: E402
 from cpo_data.config import load_config  # noqa: E402
-from cpo_data.demo import REPO_ROOT  # noqa: E402
 from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet  # noqa: E402
+from pipelines.demo import REPO_ROOT  # noqa: E402
 
 WARM_UP_SOURCES = 20
 STAGES = ("generate_shard", "score_shard", "select_and_publish")

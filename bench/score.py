@@ -34,10 +34,10 @@ from cpo_data import schema  # noqa: E402
 from cpo_data.backends.comet_score import load_scorer  # noqa: E402
 from cpo_data.cache import ContentCache  # noqa: E402
 from cpo_data.config import ScoreConfig, ScorerConfig, SourcesConfig  # noqa: E402
-from cpo_data.demo import REPO_ROOT  # noqa: E402
 from cpo_data.score import ScoreItem, item_key, score_candidates  # noqa: E402
 from cpo_data.sources import load_sources  # noqa: E402
 from cpo_data.testing import build_tiny_comet  # noqa: E402
+from pipelines.demo import REPO_ROOT  # noqa: E402
 
 
 def demo_sources(n: int) -> pa.Table:

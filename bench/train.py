@@ -59,7 +59,7 @@ logging.disable(logging.WARNING)
 
 import torch  # noqa: E402
 
-from cpo_data.demo import REPO_ROOT  # noqa: E402
+from pipelines.demo import REPO_ROOT  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LORA_RANK, LORA_ALPHA = 8, 16

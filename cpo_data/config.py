@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from cpo_data.errors import UserError
 from cpo_data.langs import UnknownLanguageError, get_language
 
 ALMA_PROMPT = "Translate this from {Src} to {Tgt}:\n{Src}: {src}\n{Tgt}:"
@@ -25,7 +26,7 @@ ALMA_PROMPT = "Translate this from {Src} to {Tgt}:\n{Src}: {src}\n{Tgt}:"
 SOURCE_FORMATS = ("auto", "jsonl", "csv", "tsv", "parquet", "hf_dataset", "alma_r")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot work; the message starts with the key's path."""
 
 

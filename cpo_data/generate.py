@@ -20,13 +20,14 @@ import pyarrow as pa
 from cpo_data import schema
 from cpo_data.cache import cached_compute, identity_key, open_cache
 from cpo_data.config import GenerateConfig
+from cpo_data.errors import UserError
 
 EMPTY_OUTPUT = "empty_output"
 
 log = logging.getLogger(__name__)
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """Generation that cannot run as configured; the message says what to change."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cpo_data.errors import UserError
+
 
 @dataclass(frozen=True)
 class Language:
@@ -75,7 +77,7 @@ _TABLE = [
 LANGUAGES: dict[str, Language] = {code: Language(code, *rest) for code, *rest in _TABLE}
 
 
-class UnknownLanguageError(ValueError):
+class UnknownLanguageError(UserError):
     """A language code that is not in the table."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from cpo_data.errors import UserError
+
 SCHEMA_VERSION = 1
 """Bumped whenever a column is added, removed, renamed or retyped."""
 
@@ -104,7 +106,7 @@ SCHEMAS = {
 }
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A table that does not match its stage's schema; the message names the column."""
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 from cpo_data import schema
 from cpo_data.cache import cached_compute, open_cache
 from cpo_data.config import EnsembleConfig, ScoreConfig
+from cpo_data.errors import UserError
 
 EMPTY_MT = "empty_mt"
 MISSING_REFERENCE = "missing_reference"
@@ -29,7 +30,7 @@ SCORE_NOT_FINITE = "score_not_finite"
 log = logging.getLogger(__name__)
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError):
     """Scoring that cannot run as configured; the message says what to change."""
 
 

@@ -25,13 +25,14 @@ import pyarrow.parquet as pq
 
 from cpo_data import schema
 from cpo_data.config import SourcesConfig
+from cpo_data.errors import UserError
 from cpo_data.langs import UnknownLanguageError, get_language, lang_pair, normalize_code
 
 ALMA_R_SYSTEMS = ("gpt4", "alma")
 ALMA_R_SCORERS = ("kiwi", "xcomet", "kiwi_xcomet")
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """Bad input, located: the file, the row (1-based) and the field."""
 
     def __init__(self, file: str, row: int | None, field: str | None, message: str):

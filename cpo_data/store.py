@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from cpo_data import schema
+from cpo_data.errors import UserError
 
 MANIFEST = "_manifest.json"
 DROPPED_DIR = "__dropped__"
@@ -44,7 +45,7 @@ FORMAT = "cpo-data/triplets"
 _LANG_PAIR = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A store that cannot be written or read as asked; the message names the URI."""
 
 

@@ -38,13 +38,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cpo_data import build
 from cpo_data.config import BuildConfig, ConfigError, RunnerConfig, load_config
-from cpo_data.generate import GenerateError
-from cpo_data.score import ScoreError
+from cpo_data.errors import UserError
 
 PUBLISHED_EVENT = "cpo_data.triplets.published"
 
-# Errors that a retry cannot fix: a wrong config or wrong data fails at once.
-_PERMANENT = (ConfigError, GenerateError, ScoreError, ValueError, TypeError, KeyError)
+# Errors that a retry cannot fix fail at once: whatever the user must fix (wrong config, data,
+# model, device), and programming errors.
+_PERMANENT = (UserError, ValueError, TypeError, KeyError)
 
 
 def _retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature

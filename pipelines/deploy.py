@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from cpo_data.config import ConfigError, _fail, from_dict, load_config, read_yaml
+from cpo_data.errors import UserError
 from cpo_data.store import dataset_uri
 
 BUILD_FLOW = "cpo-data-build"
 TRAIN_FLOW = "cpo-data-train"
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """No Prefect server to register deployments with."""
 
 

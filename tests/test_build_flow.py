@@ -12,8 +12,8 @@ import yaml
 
 from cpo_data import build, store
 from cpo_data.config import ConfigError, load_config
-from cpo_data.demo import REPO_ROOT
 from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet
+from pipelines.demo import REPO_ROOT
 from tests.conftest import processes_with_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cpo_data import store
-from cpo_data.cli import main
 from cpo_data.testing import sample_triplets
+from pipelines.cli import main
 from tests.conftest import processes_with_env
 
 

@@ -135,7 +135,7 @@ def test_bad_generator_settings_name_the_key(tmp_path, model, message):
 
 
 def test_shipped_configs_state_their_recipes():
-    from cpo_data.demo import REPO_ROOT
+    from pipelines.demo import REPO_ROOT
 
     alma = load_config(REPO_ROOT / "configs" / "alma-r.yaml")
     assert alma.rank_by == "kiwi_xcomet" and alma.generate.include_reference

@@ -220,8 +220,8 @@ def test_a_scheduler_without_workers_is_an_error_not_a_hang():
 @pytest.mark.usefixtures("prefect_server")
 def test_dask_on_two_local_workers_publishes_the_same_triplets_as_the_default_runner(
         tmp_path, models, monkeypatch, capsys):
-    from cpo_data.cli import print_build_summary
     from pipelines.build import build_triplets
+    from pipelines.cli import print_build_summary
 
     marker = _mark_new_processes(monkeypatch)
     rows = DEMO_ROWS[:32]  # 4 shards of 8

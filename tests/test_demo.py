@@ -2,9 +2,10 @@ import dataclasses
 
 import pytest
 
-from cpo_data import build, demo, store
+from cpo_data import build, store
 from cpo_data.config import SourcesConfig
 from cpo_data.sources import SourceError
+from pipelines import demo
 from tests.conftest import write_jsonl
 
 

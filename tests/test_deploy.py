@@ -18,9 +18,9 @@ import yaml
 
 from cpo_data import store
 from cpo_data.config import ConfigError
-from cpo_data.demo import REPO_ROOT
 from cpo_data.testing import build_tiny_causal_lm
 from pipelines import deploy
+from pipelines.demo import REPO_ROOT
 from tests.conftest import processes_with_env
 
 DEMO_ROWS = [json.loads(line) for line in
@@ -103,7 +103,7 @@ def test_training_on_another_dataset_cannot_be_triggered_by_this_build(tmp_path,
 def test_serve_refuses_to_start_without_a_server(tmp_path, model, monkeypatch, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cpo_data.cli import main
+    from pipelines.cli import main
 
     served = []
     monkeypatch.setattr("prefect.serve", lambda *d: served.append(d))

@@ -338,7 +338,7 @@ def test_cache_survives_processes_and_concurrent_writers(tmp_path):
         for batch in range(20):
             cache.put_many({f"k{start + batch * 10 + i}": [start, batch, i] for i in range(10)})
             assert len(cache.get_many([f"k{start + batch * 10}"])) == 1
-        # As the CLI does (cpo_data.cli.console): skip the teardown where pyarrow 21 can abort.
+        # As the CLI does (pipelines.cli.console): skip the teardown where pyarrow 21 can abort.
         os._exit(0)
     """)
     processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(s)])

@@ -15,6 +15,10 @@ from training.losses import (
     orpo_loss,
 )
 
+# The losses run in float32 on one-element tensors, a handful of elementwise operations deep:
+# each within a few float32 ulps (1.2e-7 relative, whatever the CPU's vector math library),
+# on values near 1, and the hand-worked constants are rounded to 7 decimals (5e-8). So
+# abs=1e-6 holds on any CPU, and a wrong formula moves a value by far more.
 # One pair: chosen completion 4 tokens summing to -2.0, rejected 5 tokens summing to -5.0.
 CHOSEN, REJECTED = torch.tensor([-2.0]), torch.tensor([-5.0])
 N_CHOSEN, N_REJECTED = torch.tensor([4]), torch.tensor([5])

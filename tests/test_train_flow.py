@@ -155,7 +155,7 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
     assert (tmp_path / "runs" / first / "final" / "adapter_model.safetensors").exists()
 
     # Lineage both ways: from the model to its dataset version, from a version to its runs.
-    from cpo_data.cli import main
+    from pipelines.cli import main
 
     (run,) = store.list_runs(dataset, second)
     assert run["model_dir"] == record["model_dir"] and run["steps"] == 3
@@ -182,7 +182,7 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
 
 def test_cli_train_reads_the_train_section(tmp_path, model_dir, capsys, monkeypatch):
     """`cpo-data train CONFIG` refuses bad input before Prefect starts, with exit code 2."""
-    from cpo_data.cli import main
+    from pipelines.cli import main
 
     config = tmp_path / "config.yaml"
     config.write_text(f"train:\n  model: {model_dir}\n  dataset: {tmp_path / 'none'}\n"

@@ -82,7 +82,7 @@ def test_a_file_without_train_section_or_dataset_is_refused(tmp_path):
 
 
 def test_the_alma_r_config_states_the_papers_training_recipe():
-    from cpo_data.demo import REPO_ROOT
+    from pipelines.demo import REPO_ROOT
 
     config = load_train_config(REPO_ROOT / "configs" / "alma-r.yaml")
     assert config.dataset.endswith("/.cpo-data/store/alma-r")

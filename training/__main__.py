@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from cpo_data.cli import USER_ERRORS
+from cpo_data.errors import UserError
 from training import distributed
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # A bar redraws one line; piped into a log (the training flow's launch) it would keep
         # every redraw in one line, so it shows on terminals only.
         record = run_training(config, args.version, progress=sys.stderr.isatty())
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"error{f' (rank {rank})' if distributed.launched() else ''}: {error}",
               file=sys.stderr)
         return 2
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    # As `cpo-data` does (cpo_data.cli.console): pyarrow 21 can abort a finished process during
-    # interpreter teardown, and a launcher would take that for a failed rank.
+    # As `cpo-data` does (pipelines/cli.py, console): pyarrow 21 can abort a finished process
+    # during interpreter teardown, and a launcher would take that for a failed rank.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

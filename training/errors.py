@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cpo_data.errors import UserError
 
-class TrainingError(ValueError):
+
+class TrainingError(UserError):
     """Input the loop cannot train on; the message says which and why."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss or gradient stopped being finite; the last good weights are kept."""
 
     def __init__(self, message: str, step: int, checkpoint: Path):

@@ -8,13 +8,15 @@ from typing import TypeVar
 
 import torch
 
+from cpo_data.errors import UserError
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """A device that this machine does not have."""
 
 

@@ -7,22 +7,15 @@ import json
 import sys
 import textwrap
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from cpo_data import store
-from cpo_data.backends.torch_device import DeviceError
-from cpo_data.config import ConfigError
-from cpo_data.generate import GenerateError
-from cpo_data.schema import SchemaError
-from cpo_data.score import ScoreError
-from cpo_data.sources import SourceError
-from pipelines.deploy import ServerError
-from training.errors import TrainingDiverged, TrainingError
+from cpo_data.errors import UserError
 
-# Errors of input, config or environment: one line to the user, exit code 2 (not a traceback).
-USER_ERRORS = (ConfigError, DeviceError, GenerateError, SchemaError, ScoreError, SourceError,
-                ServerError, store.StoreError, TrainingError, TrainingDiverged)
+# Imported where a command needs them, not here: `cpo-data --help`, `versions` and `inspect`
+# never load torch, transformers or Prefect (seconds each).
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -236,7 +229,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from cpo_data import demo
+    from pipelines import demo
 
     print(f"==> demo: {demo.DEMO_CONFIG}")
     _run_build(demo.demo_config(args.store), args.rows)
@@ -295,10 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import pandas as pd
+
     pd.set_option("display.width", 120)
     try:
         args.run(args)
-    except USER_ERRORS as error:
+    except UserError as error:  # input, config or environment: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
