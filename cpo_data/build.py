@@ -26,6 +26,7 @@ from cpo_data import __version__, schema, select, sources, store
 from cpo_data.config import BuildConfig, ConfigError
 from cpo_data.fingerprint import generator_weights, scorer_weights
 from cpo_data.generate import Candidates, GenerateError, generate_candidates, provided_systems
+from cpo_data.identity import generator_identity, scorer_identity
 from cpo_data.score import Scores, score_candidates
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,31 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def shard_key(stage: str, shard: pa.Table, configs: list[Any], weights: list[str]) -> str:
-    """Content key of one shard's work: its rows, the configs it depends on, the weights'
-    identity and the table schema. Run ids play no part, so a rerun finds finished shards."""
+def shard_key(stage: str, shard: pa.Table, inputs: list[Any]) -> str:
+    """Content key of one shard's work: its rows, what decides the stage's outputs (`inputs`,
+    from `stage_inputs`) and the table schema. Run ids play no part, so a rerun finds finished
+    shards; batch sizes, budgets and devices play none either."""
     return f"{stage}-" + _digest([schema.SCHEMA_VERSION, __version__, shard.to_pylist(),
-                                  [dataclasses.asdict(c) for c in configs], weights])[:40]
+                                  inputs])[:40]
+
+
+def stage_inputs(config: BuildConfig) -> dict[str, Any]:
+    """What decides each stage's outputs besides the rows: the same backend identities the
+    content caches key on (computed without loading a model), the system and score names the
+    tables carry, and the stage settings that shape the tables."""
+    generate, score = config.generate, config.score
+    return {
+        "generate": {
+            "provided_systems": generate.provided_systems,
+            "include_reference": generate.include_reference,
+            "reference_name": generate.reference_name,
+            "models": [{"name": m.name, **generator_identity(m)} for m in generate.models],
+        },
+        "score": {
+            "scorers": [{"name": s.name, **scorer_identity(s)} for s in score.scorers],
+            "ensembles": [dataclasses.asdict(e) for e in score.ensembles],
+        },
+    }
 
 
 def model_fingerprints(config: BuildConfig, stage: str) -> list[str]:
@@ -100,12 +121,12 @@ def model_fingerprints(config: BuildConfig, stage: str) -> list[str]:
 
 
 def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:
-    """Candidates for one shard: provided outputs and every configured model's. The models
-    stay loaded in this process for its next shards."""
+    """Candidates for one shard: provided outputs and every configured model's. A model loads
+    on its first cache miss and stays loaded in this process for its next shards."""
     from cpo_data.backends import loaded
 
     with loaded.in_use:
-        generators = [loaded.generator(m) for m in config.generate.models]
+        generators = [loaded.LazyGenerator(m) for m in config.generate.models]
         return generate_candidates(shard, config.generate, generators)
 
 
@@ -115,7 +136,7 @@ def score_shard(candidates: pa.Table, shard: pa.Table, config: BuildConfig) -> S
     from cpo_data.backends import loaded
 
     with loaded.in_use:
-        scorers = [loaded.scorer(s) for s in config.score.scorers]
+        scorers = [loaded.LazyScorer(s) for s in config.score.scorers]
         return score_candidates(candidates, shard, config.score, scorers)
 
 
@@ -165,7 +186,9 @@ class BuildRun:
     loaded: sources.Sources
     shards: list[pa.Table]
     weights: dict[str, list[str]]
-    """Weight fingerprints per stage (generate, score): in shard keys and in the provenance."""
+    """Weight fingerprints per stage (generate, score), for the provenance."""
+    inputs: dict[str, Any]
+    """What decides each stage's outputs (`stage_inputs`): in the shard keys."""
     summary: BuildSummary
     candidates: list[pa.Table] = field(default_factory=list)
     scores: list[pa.Table] = field(default_factory=list)
@@ -182,16 +205,15 @@ def start_build(config: BuildConfig) -> BuildRun:
                            version="", triplets=0, sources=loaded.table.num_rows,
                            shards=len(parts))
     weights = {stage: model_fingerprints(config, stage) for stage in ("generate", "score")}
-    return BuildRun(config, loaded, parts, weights, summary)
+    return BuildRun(config, loaded, parts, weights, stage_inputs(config), summary)
 
 
 def shard_keys(run: BuildRun, shard: pa.Table) -> tuple[str, str]:
     """The generation and scoring keys of one shard. The score key covers what generation
     depends on too: the candidates are its input."""
-    config = run.config
-    return (shard_key("generate", shard, [config.generate], run.weights["generate"]),
-            shard_key("score", shard, [config.generate, config.score],
-                      run.weights["generate"] + run.weights["score"]))
+    inputs = run.inputs
+    return (shard_key("generate", shard, [inputs["generate"]]),
+            shard_key("score", shard, [inputs["generate"], inputs["score"]]))
 
 
 def _add(total: dict[str, int], counts: dict[str, int]) -> None:

@@ -24,16 +24,18 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def weights_fingerprint(model: str, revision: str | None) -> str:
-    """What identifies a model's weights: a folder's content, or a hub repo's commit."""
+def weights_fingerprint(model: str, revision: str | None, marker: str = "config.json") -> str:
+    """What identifies a model's weights: a folder's content, or a hub repo's commit (read
+    from where the HF cache holds `marker`, a file every such repo has)."""
     local = Path(model).expanduser()
     if local.is_dir():
         return f"folder:{folder_fingerprint(local)}"
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "config.json", revision=revision)
-    if isinstance(cached, str):  # .../snapshots/<commit>/config.json
-        return f"hub:{model}@{Path(cached).parent.name}"
+    cached = try_to_load_from_cache(model, marker, revision=revision)
+    if isinstance(cached, str):  # .../snapshots/<commit>/<marker>
+        snapshot = Path(cached).parents[len(Path(marker).parts) - 1]
+        return f"hub:{model}@{snapshot.name}"
     return f"hub:{model}@{revision or 'main'}"
 
 
@@ -51,4 +53,4 @@ def scorer_weights(config) -> str | None:  # noqa: ANN001 - a ScorerConfig
     model = config.model
     if model.endswith(".ckpt"):
         model = str(Path(model).expanduser().parent.parent)
-    return weights_fingerprint(model, None)
+    return weights_fingerprint(model, None, marker="hparams.yaml")  # COMET repos: no config.json

@@ -76,9 +76,9 @@ def test_shards_are_consecutive_and_appending_keeps_earlier_ones():
     assert [p.num_rows for p in parts] == [4, 4, 2]
     grown = build.shards(pa.table({"source_id": [f"s{i}" for i in range(11)]}), 4)
     assert grown[0].equals(parts[0]) and grown[1].equals(parts[1])
-    key = build.shard_key("generate", parts[0], [], [])
-    assert key == build.shard_key("generate", grown[0], [], [])
-    assert key != build.shard_key("generate", parts[1], [], [])
+    key = build.shard_key("generate", parts[0], [])
+    assert key == build.shard_key("generate", grown[0], [])
+    assert key != build.shard_key("generate", parts[1], [])
 
 
 def test_plain_build_publishes_score_selected_triplets(tmp_path):

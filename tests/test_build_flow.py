@@ -114,6 +114,22 @@ def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_p
     assert again["shards_reused"] == again["shards"] == 5
     assert again["triplets"] == first["triplets"]
 
+    # Only batch sizes, budgets and the device changed, which change no output: every shard's
+    # finished work is reused.
+    batched = write_config(
+        tmp_path, models, DEMO_ROWS[:40],
+        generate={"include_reference": True,
+                  "models": [{"name": "tiny", "model": models["causal"], "max_new_tokens": 6,
+                              "strategy": "greedy", "token_budget": 999, "max_batch_size": 3,
+                              "device": "cpu"}]},
+        score={"scorers": [{"name": "kiwi", "model": models["kiwi"], "max_batch_size": 2,
+                            "token_budget": 512, "device": "cpu"},
+                           {"name": "chrf", "kind": "chrf"}],
+               "ensembles": [{"name": "kiwi_chrf", "members": ["kiwi", "chrf"]}]})
+    rebatched = build_triplets(str(batched), retries=0)
+    assert rebatched["shards_reused"] == rebatched["shards"] == 5
+    assert rebatched["generated"] == {} and rebatched["scored"] == {}
+
     # 10% more sources, appended: only they are generated and scored.
     grown = write_config(tmp_path, models, DEMO_ROWS[:44])
     more = build_triplets(str(grown), retries=0)
@@ -124,9 +140,9 @@ def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_p
                               "chrf": new_candidates.table.num_rows}
     assert more["shards_reused"] == 5  # the 40 old sources' shards were untouched
     assert (more["previous_version"], more["sources_new"], more["sources_reused"]) == (
-        again["version"], 4, 40)
+        rebatched["version"], 4, 40)
     versions = store.list_versions(str(tmp_path / "store"), name="flowtest")
-    assert len(versions) == 3 and versions[-1]["rows"] == more["triplets"]
+    assert len(versions) == 4 and versions[-1]["rows"] == more["triplets"]
 
 
 def test_a_failing_shard_publishes_nothing_and_the_rerun_resumes(tmp_path, models,

@@ -7,6 +7,7 @@ neither Prefect nor Dask workers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -172,7 +173,12 @@ def test_a_process_loads_each_model_once_however_many_shards_it_runs(tmp_path, m
 
     config = build.with_work_dir(load_config(tmp_path / "build.yaml"))
     shard = build.load_build_sources(config).table.slice(0, 8)
-    hf_generate.release_models()  # forgets the kept objects too: the next shard loads again
+    hf_generate.release_models()  # forgets the kept objects too
+    build.generate_shard(shard, config)
+    assert loads["generator"] == 1  # all cached: a model loads on its first cache miss only
+    # Without the cache every shard has work: after the release the next one loads again.
+    config = dataclasses.replace(
+        config, generate=dataclasses.replace(config.generate, cache_dir=None))
     build.generate_shard(shard, config)
     assert loads["generator"] == 2
     build.generate_shard(shard, config)
@@ -182,6 +188,51 @@ def test_a_process_loads_each_model_once_however_many_shards_it_runs(tmp_path, m
     (Path(models["causal"]) / "README.md").write_text("retrained")
     build.generate_shard(shard, config)
     assert loads["generator"] == 3
+
+
+def test_a_rebuild_with_everything_cached_loads_no_model(tmp_path, models, monkeypatch):
+    """A new process (nothing kept) rebuilding what the caches hold: no weights are read."""
+    from cpo_data.backends import comet_score, hf_generate
+
+    config = load_config(write_config(tmp_path, models, DEMO_ROWS[:16]))
+    first = build.run_build(config)
+    hf_generate.release_models()  # as a fresh process starts: nothing loaded, nothing kept
+    comet_score._load.cache_clear()
+    loads = Counter()
+    for module, name in ((hf_generate, "load_generator"), (comet_score, "load_scorer")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda config, _real=real, _name=name:
+                            loads.update([_name]) or _real(config))
+    again = build.run_build(config)
+    assert loads == Counter()
+    assert again.generated == {"tiny": 0} and again.generated_from_cache == {"tiny": 16}
+    assert again.scored == {"kiwi": 0, "chrf": 0}
+    assert again.triplets == first.triplets
+    # The same build with one new source loads the generator and the COMET scorer once.
+    grown = load_config(write_config(tmp_path, models, DEMO_ROWS[:17]))
+    build.run_build(grown)
+    assert loads == Counter({"load_generator": 1, "load_scorer": 2})  # kiwi and chrf
+
+
+def test_shard_keys_ignore_batching_and_follow_what_changes_outputs(tmp_path, models):
+    def keys(**changes):
+        config = load_config(write_config(tmp_path, models, DEMO_ROWS[:8]))
+        generator, scorer = config.generate.models[0], config.score.scorers[0]
+        generate = dataclasses.replace(config.generate, models=(dataclasses.replace(
+            generator, **changes.get("generator", {})),))
+        score = dataclasses.replace(config.score, scorers=(dataclasses.replace(
+            scorer, **changes.get("scorer", {})), *config.score.scorers[1:]))
+        run = build.start_build(dataclasses.replace(config, generate=generate, score=score))
+        return build.shard_keys(run, run.shards[0])
+
+    base = keys()
+    assert keys(scorer={"max_batch_size": 2, "token_budget": 99, "device": "cpu"}) == base
+    assert keys(generator={"max_batch_size": 2, "token_budget": 99, "device": "cpu"}) == base
+    generate_key, score_key = base
+    changed = keys(generator={"max_new_tokens": 7})
+    assert changed[0] != generate_key and changed[1] != score_key  # candidates feed scoring
+    changed = keys(scorer={"use_reference": True})
+    assert changed[0] == generate_key and changed[1] != score_key
 
 
 # Reaching a cluster.

@@ -29,7 +29,7 @@ import torch
 from cpo_data.backends.torch_device import halving_on_oom, pick_device, pick_dtype
 from cpo_data.batching import token_budget_batches
 from cpo_data.config import ScorerConfig
-from cpo_data.fingerprint import folder_fingerprint
+from cpo_data.identity import scorer_identity
 from cpo_data.score import ScoreError, ScoreItem, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,7 @@ class CometScorer:
         self.higher_is_better = True
         self.tokenizer = self.model.encoder.tokenizer
         self.max_tokens = self.model.encoder.max_positions
-        self.identity = {
-            "kind": "comet",
-            "class": type(self.model).__name__,
-            "checkpoint": folder_fingerprint(checkpoint.parent.parent),
-            "dtype": str(next(self.model.parameters()).dtype),
-            "use_reference": config.use_reference,
-        }
+        self.identity = scorer_identity(config)  # as the build computes it, unloaded
         self.batches = 0
         """Forward batches run: a pool served from the cache leaves it unchanged."""
         self.oom_splits = 0

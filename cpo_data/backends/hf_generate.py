@@ -20,8 +20,8 @@ import torch
 from cpo_data.backends.torch_device import halving_on_oom, pick_device, pick_dtype
 from cpo_data.batching import token_budget_batches
 from cpo_data.config import GeneratorConfig
-from cpo_data.fingerprint import weights_fingerprint
 from cpo_data.generate import Generated, GenerateError, Request
+from cpo_data.identity import decoding, generator_identity, scheme_of_tokenizer_class
 from cpo_data.langs import get_language
 from cpo_data.select import render_prompt
 
@@ -87,12 +87,7 @@ def _language_tokens(tokenizer: Any, configured: str) -> str | None:
     """Which language-token scheme a seq2seq tokenizer uses: nllb, m2m, or none (Marian)."""
     if configured != "auto":
         return None if configured == "none" else configured
-    name = type(tokenizer).__name__
-    if name.startswith("Nllb"):
-        return "nllb"
-    if name.startswith("M2M100"):
-        return "m2m"
-    return None
+    return scheme_of_tokenizer_class(type(tokenizer).__name__)
 
 
 class HFGenerator:
@@ -111,37 +106,22 @@ class HFGenerator:
         self._prompt_overhead: dict[tuple[str, str], int] = {}
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.context = positions or 1 << 30
-        self.identity = {
-            "kind": "seq2seq" if self.seq2seq else "causal",
-            # A folder is known by its content, so moving it keeps the cache; a hub id by name.
-            "model": None if Path(config.model).expanduser().is_dir() else config.model,
-            "weights": weights_fingerprint(config.model, config.revision),
-            "adapter": (None if config.adapter and Path(config.adapter).expanduser().is_dir()
-                        else config.adapter),
-            "adapter_weights": (weights_fingerprint(config.adapter, None)
-                                if config.adapter else None),
-            "dtype": str(self.model.dtype),
-            "prompt": None if self.seq2seq else config.prompt_template,
-            "chat_template": None if self.seq2seq or not config.use_chat_template
-            else self.tokenizer.chat_template,
-            "language_tokens": self.scheme,
-            "max_source_tokens": config.max_source_tokens,
-            "decoding": self.decoding,
-        }
+        # Computed from the config and files, as the build computes it before any model
+        # loads; what this loaded model turned out to be must agree with it.
+        self.identity = generator_identity(config)
+        loaded_as = ("seq2seq" if self.seq2seq else "causal", self.scheme)
+        expected = (self.identity["kind"], self.identity["language_tokens"])
+        if loaded_as != expected:
+            raise GenerateError(f"{config.model}: loads as {loaded_as} (kind, language tokens), "
+                                f"but its files say {expected}; set generate.models[].kind and "
+                                "language_tokens explicitly")
         # Counters for tests, benchmarks and the run summary.
         self.batches = 0
         self.oom_splits = 0
 
     @property
     def decoding(self) -> dict[str, Any]:
-        c = self.config
-        decoding: dict[str, Any] = {"strategy": c.strategy, "num_candidates": c.num_candidates,
-                                    "max_new_tokens": c.max_new_tokens}
-        if c.strategy == "beam":
-            decoding["num_beams"] = c.num_beams
-        if c.strategy == "sample":
-            decoding.update(temperature=c.temperature, top_p=c.top_p, seed=c.seed)
-        return decoding
+        return decoding(self.config)
 
     # ---- prompts ------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from cpo_data.config import GeneratorConfig, ScorerConfig
 from cpo_data.fingerprint import generator_weights, scorer_weights
+from cpo_data.identity import generator_identity, scorer_identity
 
 KEEP = 4
 
@@ -71,6 +72,37 @@ def scorer(config: ScorerConfig):
 
     return _keep("scorer", config, scorer_weights(config), comet_score.load_scorer,
                  comet_score._load.cache_clear)
+
+
+class LazyGenerator:
+    """A `Generator` whose model loads on its first cache miss: its name and identity come
+    from the config, so a shard whose candidates are all cached loads nothing."""
+
+    def __init__(self, config: GeneratorConfig):
+        self.config = config
+        self.name = config.name
+        self.identity = generator_identity(config)
+
+    def generate(self, requests):  # noqa: ANN001, ANN201 - the Generator protocol's
+        return generator(self.config).generate(requests)
+
+
+class LazyScorer:
+    """A `Scorer` whose model loads on its first cache miss, as `LazyGenerator`."""
+
+    def __init__(self, config: ScorerConfig):
+        self.config = config
+        self.name = config.name
+        self.identity = scorer_identity(config)
+        self.needs_reference = config.needs_reference
+        self.higher_is_better = config.higher_is_better
+        self.last_truncated = 0
+
+    def score(self, items):  # noqa: ANN001, ANN201 - the Scorer protocol's
+        loaded = scorer(self.config)
+        results = loaded.score(items)
+        self.last_truncated = loaded.last_truncated
+        return results
 
 
 def forget() -> None:

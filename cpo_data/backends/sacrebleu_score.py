@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cpo_data.config import ScorerConfig
+from cpo_data.identity import scorer_identity
 from cpo_data.score import ScoreError, ScoreItem, ScoreResult
 
 
@@ -16,7 +17,6 @@ class SacrebleuScorer:
     """A `Scorer` over one sacrebleu sentence metric."""
 
     def __init__(self, config: ScorerConfig):
-        import sacrebleu
         from sacrebleu.metrics import BLEU, CHRF, TER
 
         metrics = {
@@ -31,9 +31,7 @@ class SacrebleuScorer:
         self.name = config.name
         self.needs_reference = True
         self.higher_is_better = config.higher_is_better
-        # sacrebleu's own signature exists only after a corpus score; these are its parts.
-        self.identity = {"kind": config.kind, "sacrebleu": sacrebleu.__version__,
-                         "tokenize": config.bleu_tokenize if config.kind == "bleu" else None}
+        self.identity = scorer_identity(config)
         self.calls = 0
         self.last_truncated = 0  # sentence metrics read the whole text
 
