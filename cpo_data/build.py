@@ -173,6 +173,12 @@ class BuildSummary:
     """Sources that the previous version did not hold (all of them on a first build)."""
     sources_reused: int = 0
     """Sources the previous version held already (as a triplet or a dropped row)."""
+    ingestion: dict[str, int] = field(default_factory=dict)
+    """What reading the sources did: rows read, sources kept, duplicates collapsed into an
+    earlier source, empty provided outputs."""
+    truncated: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Inputs cut to a model's limit: sources per generator (`generate`, every shard) and
+    segments per COMET scorer (`score`, those scored in this run)."""
     workers: dict[str, int] = field(default_factory=dict)
     """Shard tasks (generate, score) run in this build, per process (host:pid): the flow's
     own, or each Dask worker's. Work an earlier run left is not counted."""
@@ -201,9 +207,13 @@ def start_build(config: BuildConfig) -> BuildRun:
     loaded = load_build_sources(config)
     check_build(config, loaded.table)
     parts = shards(loaded.table, config.shard_size)
+    report = loaded.report
     summary = BuildSummary(dataset_uri=store.dataset_uri(config.publish.uri, config.publish.name),
                            version="", triplets=0, sources=loaded.table.num_rows,
-                           shards=len(parts))
+                           shards=len(parts), ingestion={
+                               "rows_read": report.rows_read, "sources": report.sources,
+                               "duplicates_collapsed": report.duplicates_collapsed,
+                               "empty_system_outputs": report.empty_system_outputs})
     weights = {stage: model_fingerprints(config, stage) for stage in ("generate", "score")}
     return BuildRun(config, loaded, parts, weights, stage_inputs(config), summary)
 
@@ -236,6 +246,9 @@ def add_shard(run: BuildRun, generated: Candidates, scored: Scores, generated_no
     run.scores.append(scored.table)
     run.dropped += [generated.dropped, scored.dropped]
     summary = run.summary
+    _add(summary.truncated.setdefault("generate", {}), generated.report.truncated)
+    if scored_now:
+        _add(summary.truncated.setdefault("score", {}), scored.report.truncated)
     if generated_now:
         _add(summary.generated, generated.report.generated)
         _add(summary.generated_from_cache, generated.report.from_cache)
@@ -290,6 +303,8 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
         "rank_by": config.rank_by,
         "generators": run.weights["generate"],
         "scorers": run.weights["score"],
+        "ingestion": summary.ingestion,
+        "truncated": summary.truncated,
     }
     _compare_with_previous(summary, run)
     summary.version = store.publish_triplets(selection.triplets, config.publish.uri,

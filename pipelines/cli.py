@@ -54,6 +54,15 @@ def print_inspect(uri: str, version: str = "latest", name: str | None = None,
     if "source_fingerprint" in provenance:
         print(f"sources   fingerprint {provenance['source_fingerprint'][:16]}, "
               f"files {', '.join(provenance.get('source_files', []))}")
+    ingestion = provenance.get("ingestion")
+    if ingestion:
+        print(f"ingested  {ingestion['rows_read']} rows read, {ingestion['sources']} sources, "
+              f"{ingestion['duplicates_collapsed']} duplicates collapsed, "
+              f"{ingestion['empty_system_outputs']} empty provided outputs")
+    truncated = provenance.get("truncated")
+    if truncated:
+        print(f"truncated generation: {_counts(truncated.get('generate', {}))}; scoring: "
+              f"{_counts(truncated.get('score', {}))}")
     runs = store.list_runs(uri, manifest["version"], name=name)
     print(f"trained   {len(runs)} run(s) on this version" + (":" if runs else ""))
     for run in runs:

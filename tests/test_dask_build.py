@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cpo_data import build, store
 from cpo_data.config import ConfigError, RunnerConfig, load_config
@@ -212,6 +213,28 @@ def test_a_rebuild_with_everything_cached_loads_no_model(tmp_path, models, monke
     grown = load_config(write_config(tmp_path, models, DEMO_ROWS[:17]))
     build.run_build(grown)
     assert loads == Counter({"load_generator": 1, "load_scorer": 2})  # kiwi and chrf
+
+
+def test_ingestion_and_truncation_reach_the_summary_manifest_and_inspect(tmp_path, models,
+                                                                       capsys):
+    from pipelines.cli import print_inspect
+
+    rows = DEMO_ROWS[:8] + DEMO_ROWS[:2]  # two repeats, collapsed into their first rows
+    path = write_config(tmp_path, models, rows)
+    data = yaml.safe_load(path.read_text())
+    data["generate"]["models"][0]["max_source_tokens"] = 4  # every demo source is longer
+    path.write_text(yaml.safe_dump(data))
+    summary = build.run_build(load_config(path))
+    assert summary.ingestion == {"rows_read": 10, "sources": 8, "duplicates_collapsed": 2,
+                                 "empty_system_outputs": 0}
+    assert summary.truncated == {"generate": {"tiny": 8}, "score": {"kiwi": 0, "chrf": 0}}
+    provenance = store.read_manifest(summary.dataset_uri)["provenance"]
+    assert provenance["ingestion"] == summary.ingestion
+    assert provenance["truncated"] == summary.truncated
+    print_inspect(summary.dataset_uri, rows=0)
+    shown = capsys.readouterr().out
+    assert "ingested  10 rows read, 8 sources, 2 duplicates collapsed" in shown
+    assert "truncated generation: tiny 8; scoring: kiwi 0, chrf 0" in shown
 
 
 def test_shard_keys_ignore_batching_and_follow_what_changes_outputs(tmp_path, models):
