@@ -122,7 +122,8 @@ def model_fingerprints(config: BuildConfig, stage: str) -> list[str]:
 
 def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:
     """Candidates for one shard: provided outputs and every configured model's. A model loads
-    on its first cache miss and stays loaded in this process for its next shards."""
+    on its first cache miss and stays loaded in this process for its next shards, until a
+    scorer loads on its device."""
     from cpo_data.backends import loaded
 
     with loaded.in_use:
@@ -132,7 +133,8 @@ def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:
 
 def score_shard(candidates: pa.Table, shard: pa.Table, config: BuildConfig) -> Scores:
     """Scores of one shard's candidates under every configured scorer (kept loaded, as the
-    generators are)."""
+    generators are). The first scorer to load on a device releases this process's generators
+    there, so generation and scoring never hold one device together."""
     from cpo_data.backends import loaded
 
     with loaded.in_use:
@@ -215,7 +217,8 @@ def start_build(config: BuildConfig) -> BuildRun:
                                "duplicates_collapsed": report.duplicates_collapsed,
                                "empty_system_outputs": report.empty_system_outputs})
     weights = {stage: model_fingerprints(config, stage) for stage in ("generate", "score")}
-    return BuildRun(config, loaded, parts, weights, stage_inputs(config), summary)
+    return BuildRun(config, loaded, parts, weights, stage_inputs(config), summary,
+                    dropped=[loaded.dropped])  # ingestion's drops join the stages' own
 
 
 def shard_keys(run: BuildRun, shard: pa.Table) -> tuple[str, str]:
@@ -327,13 +330,21 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
 
 
 def run_build(config: BuildConfig, progress: Callable[[str], None] = log.info) -> BuildSummary:
-    """The whole build without Prefect: the same stages, one shard after another."""
+    """The whole build without Prefect: the same stages, every shard's generation, then every
+    shard's scoring. In that order the generators are released once, when the first scorer
+    loads on their device (`loaded.release`), instead of a 13B model being read again for each
+    shard; `progress` hears of each shard once it is scored."""
     run = start_build(config)
+    count = len(run.shards)
+    generated = []
     for number, shard in enumerate(run.shards, 1):
-        generated = generate_shard(shard, run.config)
-        scored = score_shard(generated.table, shard, run.config)
-        add_shard(run, generated, scored, generated_on=process_name(),
+        generated.append(generate_shard(shard, run.config))
+        log.info("generated shard %d/%d: %d sources, %d candidates", number, count,
+                 shard.num_rows, generated[-1].table.num_rows)
+    for number, (shard, candidates) in enumerate(zip(run.shards, generated, strict=True), 1):
+        scored = score_shard(candidates.table, shard, run.config)
+        add_shard(run, candidates, scored, generated_on=process_name(),
                   scored_on=process_name())
-        progress(f"shard {number}/{len(run.shards)}: {shard.num_rows} sources, "
-                 f"{generated.table.num_rows} candidates, {scored.table.num_rows} scores")
+        progress(f"shard {number}/{count}: {shard.num_rows} sources, "
+                 f"{candidates.table.num_rows} candidates, {scored.table.num_rows} scores")
     return select_and_publish(run)

@@ -7,18 +7,20 @@ type is refused before any work starts, with the key's full path in the message
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from cpo_data.errors import UserError
-from cpo_data.langs import UnknownLanguageError, get_language
+from cpo_data.fields import (
+    FILE,
+    MODEL,
+    _check_at_least,
+    _check_choice,
+    _check_device,
+    _check_lang,
+    _fail,
+)
+from cpo_data.fields import ConfigError as ConfigError  # its documented home is here too
 
 ALMA_PROMPT = "Translate this from {Src} to {Tgt}:\n{Src}: {src}\n{Tgt}:"
 """ALMA's prompt; {Src}/{Tgt} are English language names, the target follows the colon."""
@@ -26,45 +28,11 @@ ALMA_PROMPT = "Translate this from {Src} to {Tgt}:\n{Src}: {src}\n{Tgt}:"
 SOURCE_FORMATS = ("auto", "jsonl", "csv", "tsv", "parquet", "hf_dataset", "alma_r")
 
 
-class ConfigError(UserError):
-    """A config value that cannot work; the message starts with the key's path."""
-
-
-def _fail(key: str, message: str) -> None:
-    raise ConfigError(f"{key}: {message}")
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(key, f"{value!r} is not one of {', '.join(choices)}")
-
-
-def _check_at_least(config: Any, minimum: int, *keys: str) -> None:
-    """Each named integer field is at least `minimum` (0: a count, 1: a size)."""
-    for key in keys:
-        if getattr(config, key) < minimum:
-            _fail(key, "must be 0 or more" if minimum == 0 else f"must be at least {minimum}")
-
-
-def _check_device(key: str, device: str) -> None:
-    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
-        _fail(key, f"{device!r} is not auto, cpu, cuda or cuda:N")
-
-
-def _check_lang(key: str, code: str | None) -> None:
-    if code is None:
-        return
-    try:
-        get_language(code)
-    except UnknownLanguageError as error:
-        _fail(key, str(error))
-
-
 @dataclass(frozen=True)
 class SourcesConfig:
     """Where one file of source segments is and how its columns map onto the sources table."""
 
-    path: str
+    path: str = field(metadata=FILE)
     """A JSONL/CSV/TSV/Parquet file, or the folder of a dataset saved with `save_to_disk`."""
     format: str = "auto"
     """One of auto, jsonl, csv, tsv, parquet, hf_dataset, alma_r; auto goes by the extension."""
@@ -131,11 +99,11 @@ class GeneratorConfig:
 
     name: str
     """System name its candidates carry (e.g. alma-13b-lora)."""
-    model: str
+    model: str = field(metadata=MODEL)
     """Hub id (haoranxu/ALMA-13B-Pretrain) or local folder."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); pins what the cache keys on."""
-    adapter: str | None = None
+    adapter: str | None = field(default=None, metadata=MODEL)
     """LoRA adapter (hub id or folder) applied on top of `model`, as ALMA ships."""
     kind: str = "auto"
     """auto (from the model config), causal (decoder-only) or seq2seq (Marian, NLLB, M2M100)."""
@@ -206,7 +174,7 @@ class GenerateConfig:
     """System name the reference carries when it is a candidate."""
     models: tuple[GeneratorConfig, ...] = ()
     """Hugging Face models that generate candidates."""
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=FILE)
     """Generation cache (local path or fsspec URI); null turns caching off."""
 
     def __post_init__(self) -> None:
@@ -230,7 +198,7 @@ class ScorerConfig:
     """Score column name (kiwi, xcomet, chrf)."""
     kind: str = "comet"
     """comet, or a sacrebleu sentence metric: chrf, chrf++, bleu, ter."""
-    model: str | None = None
+    model: str | None = field(default=None, metadata=MODEL)
     """comet: hub id (Unbabel/wmt23-cometkiwi-da-xxl) or a local checkpoint (.ckpt or folder)."""
     use_reference: bool = False
     """comet: also pass the reference (COMET-22, XCOMET with references); QE models read src+mt."""
@@ -297,7 +265,7 @@ class ScoreConfig:
     """Scorers, each giving its own score column."""
     ensembles: tuple[EnsembleConfig, ...] = ()
     """Combined scores over scorers."""
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=FILE)
     """Score cache (local path or fsspec URI); null turns caching off."""
 
     def __post_init__(self) -> None:
@@ -349,7 +317,7 @@ class SelectConfig:
 class PublishConfig:
     """Where versions of the triplet dataset are published."""
 
-    uri: str
+    uri: str = field(metadata=FILE)
     """Store root: a local path or an fsspec URI (s3://bucket/prefix)."""
     name: str
     """Dataset name; versions live under {uri}/{name}/."""
@@ -406,7 +374,7 @@ class BuildConfig:
     """How candidates are scored."""
     select: SelectConfig = field(default_factory=SelectConfig)
     """How pairs are picked."""
-    work_dir: str = ".cpo-data/work"
+    work_dir: str = field(default=".cpo-data/work", metadata=FILE)
     """Caches and finished shards of the build flow; a rerun resumes from here."""
     shard_size: int = 1000
     """Sources per generation and scoring task."""
@@ -444,117 +412,11 @@ class BuildConfig:
         return None
 
 
-def _is_optional(type_: Any) -> bool:
-    return typing.get_origin(type_) in (typing.Union, types.UnionType) and type(None) in (
-        typing.get_args(type_)
-    )
-
-
-def _convert(value: Any, type_: Any, key: str) -> Any:
-    """Check one YAML value against a field's annotation and convert it."""
-    if _is_optional(type_):
-        if value is None:
-            return None
-        (type_,) = [t for t in typing.get_args(type_) if t is not type(None)]
-    origin = typing.get_origin(type_)
-    if dataclasses.is_dataclass(type_):
-        return from_dict(type_, value, key)
-    if origin is tuple:
-        (item_type, _) = typing.get_args(type_)
-        if not isinstance(value, list):
-            _fail(key, f"expected a list, got {type(value).__name__}")
-        return tuple(_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        key_type, value_type = typing.get_args(type_)
-        if not isinstance(value, dict):
-            _fail(key, f"expected a mapping, got {type(value).__name__}")
-        return {
-            _convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if type_ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type_ in (str, int, float, bool):
-        if not isinstance(value, type_) or (type_ is int and isinstance(value, bool)):
-            _fail(key, f"expected {type_.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise TypeError(f"{key}: no YAML conversion for {type_}")  # a programming error
-
-
-def from_dict(cls: type, data: Any, key: str = "") -> Any:
-    """Build dataclass `cls` from a YAML mapping, naming the key of anything wrong."""
-    prefix = f"{key}." if key else ""
-    if not isinstance(data, dict):
-        _fail(key or "config", f"expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in data:
-        if name not in fields:
-            _fail(f"{prefix}{name}", f"unknown key (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            _fail(f"{prefix}{name}", "required key is missing")
-    try:
-        return cls(**kwargs)
-    except ConfigError as error:
-        # __post_init__ names the field; give it its full path.
-        raise ConfigError(f"{prefix}{error}") from None
-
-
-def _resolve_path(path: str, base: Path) -> str:
-    if "://" in path or Path(path).is_absolute():
-        return path
-    return str((base / path).resolve())
-
-
-def _resolve_model(model: str | None, base: Path) -> str | None:
-    # Only explicit relative paths: `org/name` is a hub id, not a folder.
-    return _resolve_path(model, base) if model and model.startswith(".") else model
-
-
-def read_yaml(path: Path) -> Any:
-    """The parsed YAML file; a missing file or bad YAML is a `ConfigError` naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
 
 
 def load_config(path: str | Path) -> BuildConfig:
-    """Read and validate a build YAML; relative paths resolve against its folder."""
-    path = Path(path)
-    data = read_yaml(path)
-    if isinstance(data, dict):
-        # The training run's section and the deployments' section live in the same file;
-        # training.config and pipelines.deploy read them.
-        data = {key: value for key, value in data.items() if key not in ("train", "deploy")}
-    try:
-        config = from_dict(BuildConfig, data)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    base = path.resolve().parent
-    sources = tuple(
-        dataclasses.replace(s, path=_resolve_path(s.path, base)) for s in config.sources
-    )
-    publish = dataclasses.replace(config.publish, uri=_resolve_path(config.publish.uri, base))
-    generate = config.generate
-    models = tuple(dataclasses.replace(m, model=_resolve_model(m.model, base),
-                                       adapter=_resolve_model(m.adapter, base))
-                   for m in generate.models)
-    cache_dir = _resolve_path(generate.cache_dir, base) if generate.cache_dir else None
-    generate = dataclasses.replace(generate, models=models, cache_dir=cache_dir)
-    score = config.score
-    scorers = tuple(dataclasses.replace(s, model=_resolve_model(s.model, base))
-                    for s in score.scorers)
-    score = dataclasses.replace(
-        score, scorers=scorers,
-        cache_dir=_resolve_path(score.cache_dir, base) if score.cache_dir else None)
-    return dataclasses.replace(config, sources=sources, publish=publish, generate=generate,
-                               score=score, work_dir=_resolve_path(config.work_dir, base))
+    """Read and validate a build YAML (the project file's build sections); relative paths
+    resolve against its folder."""
+    from cpo_data.project import build_section, read_project
+
+    return build_section(read_project(path))

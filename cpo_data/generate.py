@@ -20,6 +20,7 @@ import pyarrow as pa
 from cpo_data import schema
 from cpo_data.cache import cached_compute, identity_key, open_cache
 from cpo_data.config import GenerateConfig
+from cpo_data.drops import Drops
 from cpo_data.errors import UserError
 
 EMPTY_OUTPUT = "empty_output"
@@ -141,16 +142,15 @@ def generate_candidates(
 
     # source_id -> text -> candidate row; dicts keep first-seen order.
     by_source: dict[str, dict[str, dict]] = {row["source_id"]: {} for row in rows}
-    dropped: list[dict] = []
+    dropped = Drops()
 
     def add(row: dict, system: str, text: str | None, generator: str | None,
             decoding: str | None, index: int = 0) -> bool:
         """Add one output; False when it was empty and dropped."""
         text = (text or "").strip()
         if not text:
-            report.empty_outputs += 1
-            dropped.append({"source_id": row["source_id"], "lang_pair": row["lang_pair"],
-                            "reason": EMPTY_OUTPUT, "detail": f"{system} candidate {index}"})
+            dropped.add(row["source_id"], row["lang_pair"], EMPTY_OUTPUT,
+                        f"{system} candidate {index}")
             return False
         texts = by_source[row["source_id"]]
         if text in texts:
@@ -190,5 +190,5 @@ def generate_candidates(
         schema=schema.CANDIDATES,
     )
     report.candidates = table.num_rows
-    return Candidates(table=table, dropped=pa.Table.from_pylist(dropped, schema=schema.DROPPED),
-                      report=report)
+    report.empty_outputs = dropped.counts().get(EMPTY_OUTPUT, 0)
+    return Candidates(table=table, dropped=dropped.table(), report=report)

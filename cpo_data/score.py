@@ -21,6 +21,7 @@ import pyarrow as pa
 from cpo_data import schema
 from cpo_data.cache import cached_compute, open_cache
 from cpo_data.config import EnsembleConfig, ScoreConfig
+from cpo_data.drops import Drops
 from cpo_data.errors import UserError
 
 EMPTY_MT = "empty_mt"
@@ -128,13 +129,11 @@ def score_candidates(candidates: pa.Table, sources: pa.Table, config: ScoreConfi
                          f"table (first: {sorted(missing_sources)[0]})")
     report = ScoreReport()
     rows: list[dict] = []
-    dropped: list[dict] = []
+    dropped = Drops()
 
     def drop(candidate: dict, reason: str, detail: str) -> None:
-        source = by_id[candidate["source_id"]]
-        dropped.append({"source_id": candidate["source_id"], "lang_pair": source["lang_pair"],
-                        "reason": reason, "detail": detail})
-        report.dropped[reason] = report.dropped.get(reason, 0) + 1
+        sid = candidate["source_id"]
+        dropped.add(sid, by_id[sid]["lang_pair"], reason, detail)
 
     for scorer in scorers:
         if scorer.needs_reference and candidates and not any(
@@ -170,8 +169,8 @@ def score_candidates(candidates: pa.Table, sources: pa.Table, config: ScoreConfi
     for ensemble in config.ensembles:
         rows += combine(rows, ensemble, directions)
     table = pa.Table.from_pylist(rows, schema=schema.SCORES)
-    return Scores(table=table, dropped=pa.Table.from_pylist(dropped, schema=schema.DROPPED),
-                  report=report)
+    report.dropped = dropped.counts()
+    return Scores(table=table, dropped=dropped.table(), report=report)
 
 
 def combine(rows: list[dict], ensemble: EnsembleConfig,

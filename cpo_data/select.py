@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from cpo_data import schema
 from cpo_data.config import SelectConfig
+from cpo_data.drops import Drops
 from cpo_data.langs import language_name
 
 NO_HUMAN_LABEL = "no_human_label"
@@ -137,13 +138,11 @@ class _Builder:
         self.config = config
         self.rank_by = rank_by
         self.triplets: list[dict] = []
-        self.dropped: list[dict] = []
+        self.dropped = Drops()
         self.report = SelectReport()
 
     def drop(self, source: dict, reason: str, detail: str | None) -> None:
-        self.dropped.append({"source_id": source["source_id"], "lang_pair": source["lang_pair"],
-                             "reason": reason, "detail": detail})
-        self.report.dropped[reason] = self.report.dropped.get(reason, 0) + 1
+        self.dropped.add(source["source_id"], source["lang_pair"], reason, detail)
 
     def pair(self, source: dict, chosen: _Candidate, rejected: _Candidate,
              selected_by: str) -> None:
@@ -207,9 +206,10 @@ def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.T
         else:
             _pair_by_score(builder, source, by_source.get(source["source_id"], []),
                            rank_by, reference_name)
+    builder.report.dropped = builder.dropped.counts()
     return Selection(
         triplets=pa.Table.from_pylist(builder.triplets, schema=schema.TRIPLETS),
-        dropped=pa.Table.from_pylist(builder.dropped, schema=schema.DROPPED),
+        dropped=builder.dropped.table(),
         report=builder.report,
     )
 

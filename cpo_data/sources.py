@@ -5,8 +5,12 @@ table, so all formats share the same checks and the same error messages. Rows ar
 in file order: for JSONL that is the line number, for CSV/TSV the data row after the header.
 
 Text is stripped of surrounding whitespace. An empty provided-system output is not a candidate: it
-is left out and counted, not an error. Duplicate sources (same language pair and source text)
-collapse into their first occurrence; later duplicates only add system outputs the first lacked.
+is a dropped row (`empty_system_output`, naming file:row), not an error. Duplicate sources (same
+language pair and source text) collapse into their first occurrence, counted, not dropped; later
+duplicates only add system outputs the first lacked, and an output, reference or label differing
+from the first's is lost, so it is a dropped row (`conflicting_duplicate`). Not drops: blank lines
+(no data), an empty reference (the source has none; scorers needing one drop `missing_reference`),
+directions left out by `directions` or ALMA-R's `required_directions` (configured away), delta 0.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ import pyarrow.parquet as pq
 
 from cpo_data import schema
 from cpo_data.config import SourcesConfig
+from cpo_data.drops import Drops
 from cpo_data.errors import UserError
 from cpo_data.langs import UnknownLanguageError, get_language, lang_pair, normalize_code
 
 ALMA_R_SYSTEMS = ("gpt4", "alma")
 ALMA_R_SCORERS = ("kiwi", "xcomet", "kiwi_xcomet")
+
+EMPTY_SYSTEM_OUTPUT = "empty_system_output"
+CONFLICTING_DUPLICATE = "conflicting_duplicate"
 
 
 class SourceError(UserError):
@@ -57,17 +65,20 @@ class SourcesReport:
     duplicates_collapsed: int = 0
     """Input rows that repeated an earlier source and were merged into it."""
     empty_system_outputs: int = 0
-    """Provided outputs that were empty and so are not candidates."""
+    """Provided outputs that were empty and so are not candidates (each a dropped row)."""
     per_lang_pair: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class Sources:
-    """The sources table, precomputed scores (ALMA-R layout; empty otherwise) and the report."""
+    """The sources table, precomputed scores (ALMA-R layout; empty otherwise), the report and
+    what ingestion left out."""
 
     table: pa.Table
     scores: pa.Table
     report: SourcesReport
+    dropped: pa.Table = field(default_factory=lambda: schema.empty(schema.DROPPED))
+    """Provided outputs and duplicate texts that did not reach the table, with reasons."""
 
 
 def source_id(src_lang: str, tgt_lang: str, src: str) -> str:
@@ -211,6 +222,8 @@ class _Source:
     dispreferred: str | None = None
     delta: float | None = None
     duplicates: int = 1
+    empty: list[str] = field(default_factory=list)
+    """Provided outputs that were empty, as "system (column)": each becomes a dropped row."""
 
 
 class _RowReader:
@@ -277,7 +290,21 @@ def _apply_label(source: _Source, delta: float | None, positive: str, negative: 
     source.preferred, source.dispreferred, source.delta = better, worse, delta
 
 
-def _mapped_source(config: SourcesConfig, reader: _RowReader, counts: SourcesReport) -> _Source:
+def _outputs(reader: _RowReader, columns: dict[str, str],
+             container: dict | None = None) -> tuple[dict[str, str], list[str]]:
+    """Provided outputs per system, and the empty ones as "system (column)" for their drops."""
+    systems, empty = {}, []
+    where = "" if container is None else "translation."  # only ALMA-R rows nest their fields
+    for name, column in columns.items():
+        text = reader.text(column, required=False, container=container)
+        if text is None:
+            empty.append(f"{name} ({where}{column})")
+        else:
+            systems[name] = text
+    return systems, empty
+
+
+def _mapped_source(config: SourcesConfig, reader: _RowReader) -> _Source:
     src_lang = (reader.lang("src_lang", config.src_lang) if config.src_lang
                 else reader.lang(config.src_lang_column))
     tgt_lang = (reader.lang("tgt_lang", config.tgt_lang) if config.tgt_lang
@@ -292,17 +319,12 @@ def _mapped_source(config: SourcesConfig, reader: _RowReader, counts: SourcesRep
             raise reader.error(config.ref_column, "column not found; set ref_column: null "
                                "if the data has no reference")
         ref = reader.text(config.ref_column, required=False)
-    systems = {}
     for name, column in config.systems.items():
         if column not in reader.row:
             raise reader.error(column, f"column not found (mapped as system {name!r})")
-        text = reader.text(column, required=False)
-        if text is None:
-            counts.empty_system_outputs += 1
-        else:
-            systems[name] = text
+    systems, empty = _outputs(reader, config.systems)
     source = _Source(src_lang, tgt_lang, src, ref, systems,
-                     origin=f"{reader.file}:{reader.number}")
+                     origin=f"{reader.file}:{reader.number}", empty=empty)
     if config.label_column is not None:
         delta = reader.number_or_none(config.label_column)
         _apply_label(source, delta, config.label_positive, config.label_negative, reader,
@@ -310,7 +332,7 @@ def _mapped_source(config: SourcesConfig, reader: _RowReader, counts: SourcesRep
     return source
 
 
-def _alma_r_sources(config: SourcesConfig, reader: _RowReader, counts: SourcesReport,
+def _alma_r_sources(config: SourcesConfig, reader: _RowReader,
                     scores: list[dict]) -> list[_Source]:
     """One ALMA-R row holds both directions of a pair; yield those the row and config allow."""
     translation = reader.row.get("translation")
@@ -333,15 +355,10 @@ def _alma_r_sources(config: SourcesConfig, reader: _RowReader, counts: SourcesRe
     for src_lang, tgt_lang in directions:
         src = reader.text(src_lang, required=True, container=translation)
         ref = reader.text(tgt_lang, required=False, container=translation)
-        systems = {}
-        for system in ALMA_R_SYSTEMS:
-            text = reader.text(f"{system}_{tgt_lang}", required=False, container=translation)
-            if text is None:
-                counts.empty_system_outputs += 1
-            else:
-                systems[system] = text
+        systems, empty = _outputs(reader, {s: f"{s}_{tgt_lang}" for s in ALMA_R_SYSTEMS},
+                                  translation)
         source = _Source(src_lang, tgt_lang, src, ref, systems,
-                         origin=f"{reader.file}:{reader.number}")
+                         origin=f"{reader.file}:{reader.number}", empty=empty)
         _apply_label(source, delta, "gpt4", "alma", reader, "Delta")
         texts = dict(systems, ref=ref)
         sid = source_id(src_lang, tgt_lang, src)
@@ -354,6 +371,27 @@ def _alma_r_sources(config: SourcesConfig, reader: _RowReader, counts: SourcesRe
                                    "score": value, "error_spans": None})
         made.append(source)
     return made
+
+
+def _merge(first: _Source, later: _Source, sid: str, drops: Drops) -> None:
+    """Fold a later duplicate into its first occurrence. An output the first lacks is added
+    and one it has identically is already there, so neither is lost; a text or label that
+    differs from the first's has no place in the row, so it is a drop."""
+    first.duplicates += 1
+    pair = lang_pair(first.src_lang, first.tgt_lang)
+    lost = []
+    for name, text in later.systems.items():
+        if first.systems.setdefault(name, text) != text:  # setdefault adds what the first lacks
+            lost.append(f"{name} output")
+    if later.ref is not None and later.ref != first.ref:
+        lost.append("reference")
+    label = (later.preferred, later.dispreferred, later.delta)
+    if later.preferred is not None and label != (first.preferred, first.dispreferred,
+                                                 first.delta):
+        lost.append("human label")
+    for what in lost:
+        drops.add(sid, pair, CONFLICTING_DUPLICATE,
+                  f"{later.origin}: {what} differs from {first.origin}, which is kept")
 
 
 def _to_table(collected: dict[str, _Source]) -> pa.Table:
@@ -389,30 +427,35 @@ def load_sources(configs: Sequence[SourcesConfig] | SourcesConfig) -> Sources:
     report = SourcesReport()
     collected: dict[str, _Source] = {}
     scores: list[dict] = []
+    drops = Drops()
     for config in configs:
         report.files.append(config.path)
         for number, row in _rows(config):
             reader = _RowReader(config.path, number, row)
             if config.format == "alma_r":
-                made = _alma_r_sources(config, reader, report, scores)
+                made = _alma_r_sources(config, reader, scores)
             else:
-                made = [_mapped_source(config, reader, report)]
+                made = [_mapped_source(config, reader)]
             for source in made:
                 report.rows_read += 1
                 sid = source_id(source.src_lang, source.tgt_lang, source.src)
+                for output in source.empty:
+                    drops.add(sid, lang_pair(source.src_lang, source.tgt_lang),
+                              EMPTY_SYSTEM_OUTPUT, f"{source.origin}: {output} is empty")
                 first = collected.get(sid)
                 if first is None:
                     collected[sid] = source
                     continue
-                first.duplicates += 1
+                # Merged, not lost: counted in the report; only what differs is a drop.
                 report.duplicates_collapsed += 1
-                for name, text in source.systems.items():
-                    first.systems.setdefault(name, text)
+                _merge(first, source, sid, drops)
+    report.empty_system_outputs = drops.counts().get(EMPTY_SYSTEM_OUTPUT, 0)
     table = _to_table(collected)
     report.sources = table.num_rows
     for pair in table.column("lang_pair").to_pylist():
         report.per_lang_pair[pair] = report.per_lang_pair.get(pair, 0) + 1
-    return Sources(table=table, scores=_scores_table(scores), report=report)
+    return Sources(table=table, scores=_scores_table(scores), report=report,
+                   dropped=drops.table())
 
 
 def fingerprint(table: pa.Table) -> str:

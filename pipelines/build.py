@@ -12,7 +12,9 @@ unchanged build loads no model at all. Below the task cache, the generation and 
 The shards run one at a time in the flow's process, or, with `runner: {kind: dask}` in the
 config, on a Dask cluster through prefect-dask (`pipelines/dask_runner.py`): a local one started
 for the build, one worker per GPU, or a running one at `runner.address`. Either way each
-process keeps its models loaded from one shard to the next.
+process keeps its models loaded from one shard to the next. Every shard is generated before
+any is scored, and a process releases its generators when its first scorer loads on their
+device, so a GPU holds one stage's models at a time.
 
 On success the flow publishes one version, creates artifacts (counts per language pair, drops
 by reason, how often each system was chosen and rejected, score and margin summaries, agreement
@@ -37,7 +39,7 @@ from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cpo_data import build
-from cpo_data.config import BuildConfig, ConfigError, RunnerConfig, load_config
+from cpo_data.config import BuildConfig, ConfigError, RunnerConfig
 from cpo_data.errors import UserError
 
 PUBLISHED_EVENT = "cpo_data.triplets.published"
@@ -185,7 +187,9 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
     `BuildConfig`). Returns the build summary as a dict."""
     logger = get_run_logger()
     if not isinstance(config, BuildConfig):
-        config = load_config(config)
+        from pipelines.project import load_project
+
+        config = load_project(config).need_build()
     run = build.start_build(config)
     config = run.config
     logger.info("%d sources (%s) in %d shard(s) of up to %d", run.summary.sources,
@@ -197,22 +201,29 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
     score_task = score_shard.with_options(**options)
 
     run_id = str(get_run_context().flow_run.id)
+    shards = [(shard, *build.shard_keys(run, shard), f"shard {number}/{len(run.shards)}")
+              for number, shard in enumerate(run.shards, 1)]
     # The shards go to the runner the config names; the flow's own runs nothing else. Every
     # result is read before that runner closes: a Dask future needs its cluster.
     with open_shard_runner(config.runner) as runner:
-        futures = []
-        for number, shard in enumerate(run.shards, 1):
-            label = f"shard {number}/{len(run.shards)}"
-            generate_key, score_key = build.shard_keys(run, shard)
-            generated = runner.submit(generate_task, {
-                "shard": shard, "config": config, "key": generate_key, "label": label})
-            futures.append((generated, runner.submit(score_task, {
-                "generated": generated, "shard": shard, "config": config, "key": score_key,
-                "label": label})))
-        # Any shard failing raises here, before anything is published. A result made by an
-        # earlier run came from Prefect's task cache: its work is not counted again.
-        for generated_future, scored_future in futures:
-            generated, scored = generated_future.result(), scored_future.result()
+        # Every shard's generation, then every shard's scoring. Submitted together, a shard's
+        # scoring would start as soon as its candidates are in (Dask) or between two shards'
+        # generation (threads), and each switch would release one stage's models to load the
+        # other's (`loaded.release`): a 13B model read again per shard. Finished shards come
+        # from Prefect's task cache in either phase, so a rerun resumes where the last stopped.
+        generating = [runner.submit(generate_task, {
+            "shard": shard, "config": config, "key": generate_key, "label": label})
+            for shard, generate_key, _, label in shards]
+        # Any shard failing raises here, before any scoring starts and anything is published.
+        generated_results = [future.result() for future in generating]
+        scoring = [runner.submit(score_task, {
+            "generated": generated, "shard": shard, "config": config, "key": score_key,
+            "label": label}) for generated, (shard, _, score_key, label) in zip(
+                generating, shards, strict=True)]
+        # A result made by an earlier run came from Prefect's task cache: its work is not
+        # counted again.
+        for generated, scored_future in zip(generated_results, scoring, strict=True):
+            scored = scored_future.result()
             build.add_shard(run, generated["result"], scored["result"],
                             generated_now=generated["flow_run"] == run_id,
                             scored_now=scored["flow_run"] == run_id,

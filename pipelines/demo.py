@@ -11,23 +11,34 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from cpo_data.config import BuildConfig, load_config
+from cpo_data.config import BuildConfig
 from cpo_data.store import dataset_uri
+from pipelines.project import load_project
+from training.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 DEMO_MODEL_HIDDEN_SIZE = 64
 
 
-def demo_config(store_uri: str | None = None) -> BuildConfig:
-    """The demo's config, optionally publishing somewhere else (its work folder then sits
-    beside that store, named `<store>-work`)."""
-    config = load_config(DEMO_CONFIG)
+def demo_configs(store_uri: str | None = None) -> tuple[BuildConfig, TrainConfig]:
+    """The demo's build and train configs, from one read of its file; optionally publishing
+    somewhere else (its work folder then sits beside that store, named `<store>-work`, the
+    model in `<store>-model` and runs in `<store>-runs`)."""
+    project = load_project(DEMO_CONFIG)
+    config, train = project.need_build(), project.need_train()
     if store_uri is not None:
+        root = store_uri.rstrip("/")
         publish = dataclasses.replace(config.publish, uri=store_uri)
-        config = dataclasses.replace(config, publish=publish,
-                                     work_dir=f"{store_uri.rstrip('/')}-work")
-    return config
+        config = dataclasses.replace(config, publish=publish, work_dir=f"{root}-work")
+        train = dataclasses.replace(train, dataset=dataset_uri(store_uri, publish.name),
+                                    output_dir=f"{root}-runs", model=f"{root}-model")
+    return config, train
+
+
+def demo_config(store_uri: str | None = None) -> BuildConfig:
+    """The demo's build config (see `demo_configs`)."""
+    return demo_configs(store_uri)[0]
 
 
 def ensure_demo_model(path: str | Path) -> Path:
@@ -39,18 +50,3 @@ def ensure_demo_model(path: str | Path) -> Path:
     if not (path / "config.json").exists():
         build_tiny_causal_lm(path, seed=0, hidden_size=DEMO_MODEL_HIDDEN_SIZE)
     return path
-
-
-def demo_train_config(store_uri: str | None = None):
-    """The demo's `train` section (its model built if missing); with `store_uri` it trains on
-    that store's demo dataset, with the model in `<store>-model` and runs in `<store>-runs`."""
-    from training.config import load_train_config
-
-    config = load_train_config(DEMO_CONFIG)
-    if store_uri is not None:
-        name = load_config(DEMO_CONFIG).publish.name
-        root = store_uri.rstrip("/")
-        config = dataclasses.replace(config, dataset=dataset_uri(store_uri, name),
-                                     output_dir=f"{root}-runs", model=f"{root}-model")
-    ensure_demo_model(config.model)
-    return config

@@ -27,11 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cpo_data.config import ConfigError, _fail, from_dict, load_config, read_yaml
 from cpo_data.errors import UserError
-from cpo_data.store import dataset_uri
+from cpo_data.fields import ConfigError, _fail
+
+if TYPE_CHECKING:
+    from pipelines.project import Project
 
 BUILD_FLOW = "cpo-data-build"
 TRAIN_FLOW = "cpo-data-train"
@@ -87,17 +89,6 @@ class DeployConfig:
     """Serve the training flow, started by each version the build publishes."""
 
 
-def load_deploy_config(path: str | Path) -> DeployConfig:
-    """The `deploy` section of a build YAML (defaults when it has none)."""
-    path = Path(path)
-    data = read_yaml(path)
-    section = data.get("deploy") if isinstance(data, dict) else None
-    try:
-        return from_dict(DeployConfig, section or {}, "deploy")
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-
-
 def check_server() -> str:
     """The configured server's API URL; a `ServerError` saying what to do when there is none
     or it does not answer."""
@@ -120,21 +111,23 @@ def check_server() -> str:
     return url
 
 
-def deployments(path: str | Path) -> list:
+def deployments(project: Project | str | Path) -> list:
     """The build deployment (on the config's schedule) and, unless turned off, the training
-    deployment triggered by this dataset's published versions."""
+    deployment triggered by this dataset's published versions (from a loaded project, or the
+    path of its file)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
     from pipelines.build import PUBLISHED_EVENT, build_triplets
+    from pipelines.project import load_project
     from pipelines.train import train_cpo
 
-    path = Path(path).resolve()
-    build_config = load_config(path)  # errors in the file surface now, not at the first run
-    deploy = load_deploy_config(path)
-    name = build_config.publish.name
-    dataset = dataset_uri(build_config.publish.uri, name)
+    if isinstance(project, (str, Path)):
+        project = load_project(project)
+    path = project.file.path
+    name = project.need_build().publish.name
+    deploy, dataset = project.deploy, project.dataset
     # Served runs import the flows by module: the installed package, whatever the cwd. One
     # run of each at a time: two builds would share work_dir, two trainings the GPUs; a run
     # started meanwhile (the schedule, a second published version) waits for the one running.
@@ -146,9 +139,7 @@ def deployments(path: str | Path) -> list:
     served = [build_triplets.to_deployment(
         description=f"Build and publish {dataset} from {path}", **schedule, **common)]
     if deploy.train_on_publish:
-        from training.config import load_train_config
-
-        train_config = load_train_config(path)
+        train_config = project.need_train()
         if train_config.dataset != dataset:
             raise ConfigError(f"{path}: train.dataset: {train_config.dataset} is not the "
                               f"dataset this build publishes ({dataset}); a publish event "
@@ -170,6 +161,7 @@ def serve(path: str | Path) -> None:
     build's schedule, as Prefect's `serve` does)."""
     from prefect import serve as prefect_serve
 
-    served = deployments(path)  # a bad config is named before the server is asked
+    # Every section is checked now, before the server is asked or the first run starts.
+    served = deployments(path)
     check_server()
     prefect_serve(*served)

@@ -23,7 +23,7 @@ from prefect.events import emit_event
 
 from pipelines.build import artifact_key
 from training import run as stages
-from training.config import TrainConfig, load_train_config
+from training.config import TrainConfig
 from training.loop import TrainResult
 
 COMPLETED_EVENT = "cpo_data.training.completed"
@@ -99,7 +99,9 @@ def train_cpo(config: str | TrainConfig, version: str | None = None) -> dict:
     """Train on one published version (default: the config's `version`, normally `latest`)
     and return the run manifest as a dict."""
     if not isinstance(config, TrainConfig):
-        config = load_train_config(config)
+        from pipelines.project import load_project
+
+        config = load_project(config).need_train()
     if config.processes > 1:
         record = train_on_processes(config, version)
     else:

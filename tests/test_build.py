@@ -94,3 +94,21 @@ def test_plain_build_publishes_score_selected_triplets(tmp_path):
                                                                             "system_b"}
     assert summary.scored == {"chrf": 60}
     assert summary.agreement["compared"] == 30
+
+
+def test_ingestion_drops_reach_the_published_version(tmp_path):
+    """An empty provided output never becomes a candidate: its dropped row, naming the file
+    and row, is published with the stages' own drops."""
+    rows = [dict(row) for row in DEMO_ROWS[:6]]
+    rows[2]["system_b"], rows[2]["delta"] = "  ", None  # a labelled row must have both
+    path = write_config(tmp_path, MODELS, rows, generate={},
+                        score={"scorers": [{"name": "chrf", "kind": "chrf"}]},
+                        select={"use_human_labels": False})
+    summary = build.run_build(load_config(path))
+    dropped = store.read_dropped(str(tmp_path / "store"), name="flowtest")
+    ingestion = dropped[dropped["reason"] == "empty_system_output"]
+    assert len(ingestion) == 1 and ingestion["detail"].iloc[0].endswith(
+        "sources.jsonl:3: system_b (system_b) is empty")
+    assert summary.dropped["empty_system_output"] == 1
+    manifest = store.read_manifest(str(tmp_path / "store"), name="flowtest")
+    assert manifest["dropped_per_reason"]["empty_system_output"] == 1

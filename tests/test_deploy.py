@@ -239,5 +239,7 @@ def test_a_served_build_publishes_and_its_event_trains_on_that_version(tmp_path,
 
 @pytest.mark.parametrize("name", ["demo.yaml", "alma-r.yaml"])
 def test_the_shipped_configs_schedule_their_build_and_train_on_publish(name):
-    config = deploy.load_deploy_config(REPO_ROOT / "configs" / name)
+    from pipelines.project import load_project
+
+    config = load_project(REPO_ROOT / "configs" / name).deploy
     assert config.schedule is not None and config.schedule.cron and config.train_on_publish

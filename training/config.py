@@ -12,21 +12,23 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cpo_data.config import (
-    ALMA_PROMPT,
+from cpo_data.config import ALMA_PROMPT, ScorerConfig, SourcesConfig
+from cpo_data.fields import (
+    FILE,
+    MODEL,
     ConfigError,
-    ScorerConfig,
-    SourcesConfig,
     _check_at_least,
     _check_choice,
     _check_device,
     _fail,
-    _resolve_model,
-    _resolve_path,
-    from_dict,
-    read_yaml,
 )
-from cpo_data.store import dataset_uri
+from cpo_data.project import (
+    ProjectFile,
+    parse,
+    published_dataset,
+    read_project,
+    with_prompt,
+)
 from training.losses import CPO_LOSS_TYPES
 
 LOSSES = ("cpo", "orpo", "dpo")
@@ -48,7 +50,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ()
     """Module names to adapt (q_proj, v_proj, ...), or [all-linear]; empty: peft's default for
     the architecture."""
-    adapter: str | None = None
+    adapter: str | None = field(default=None, metadata=MODEL)
     """An existing adapter (hub id or folder) to continue training, as ALMA-R continues
     ALMA-13B-LoRA; its own rank and targets then apply."""
 
@@ -97,11 +99,11 @@ class EvalConfig:
 class TrainConfig:
     """One training run on a published triplet version."""
 
-    model: str
+    model: str = field(metadata=MODEL)
     """Causal LM to train: hub id or local folder (ALMA-R: haoranxu/ALMA-13B-Pretrain)."""
-    output_dir: str = ".cpo-data/runs"
+    output_dir: str = field(default=".cpo-data/runs", metadata=FILE)
     """Runs go to {output_dir}/{version}/: checkpoints, metrics.jsonl, final model, manifest."""
-    dataset: str | None = None
+    dataset: str | None = field(default=None, metadata=FILE)
     """Dataset URI ({store}/{name}); null: the dataset the YAML's publish section names."""
     version: str = "latest"
     """Dataset version to train on."""
@@ -206,42 +208,24 @@ class TrainConfig:
             _fail("max_prompt_length", f"must be below max_length ({self.max_length})")
 
 
-def resolved(config: TrainConfig, base: Path, default_dataset: str | None) -> TrainConfig:
-    """`config` with its relative paths read against `base`."""
-    lora = config.lora
-    if lora.adapter:
-        lora = dataclasses.replace(lora, adapter=_resolve_model(lora.adapter, base))
-    evaluation = config.eval
-    if evaluation.test_set is not None:
-        test_set = dataclasses.replace(evaluation.test_set,
-                                       path=_resolve_path(evaluation.test_set.path, base))
-        evaluation = dataclasses.replace(evaluation, test_set=test_set)
-    if evaluation.comet is not None:
-        comet = dataclasses.replace(evaluation.comet,
-                                    model=_resolve_model(evaluation.comet.model, base))
-        evaluation = dataclasses.replace(evaluation, comet=comet)
-    dataset = _resolve_path(config.dataset, base) if config.dataset else default_dataset
-    if dataset is None:
-        _fail("train.dataset", "name the dataset URI, or give the file a publish section")
-    return dataclasses.replace(
-        config, model=_resolve_model(config.model, base), dataset=dataset, lora=lora,
-        output_dir=_resolve_path(config.output_dir, base), eval=evaluation)
+def train_section(project: ProjectFile) -> TrainConfig:
+    """The project file's `train` section, paths resolved; `train.dataset` defaults to the
+    dataset the file's `publish` section names, and `eval.prompt_template` to the project's
+    prompt."""
+    section = project.section("train")
+    if section is None:
+        raise ConfigError(f"{project.path}: train: the file has no train section")
+    section = with_prompt(section, project.prompt_template, "eval", "prompt_template")
+    config = parse(TrainConfig, section, project, "train")
+    if config.dataset is None:
+        dataset = published_dataset(project)
+        if dataset is None:
+            raise ConfigError(f"{project.path}: train.dataset: name the dataset URI, or give "
+                              "the file a publish section")
+        config = dataclasses.replace(config, dataset=dataset)
+    return config
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    """The `train` section of a build YAML; relative paths resolve against its folder."""
-    path = Path(path)
-    data = read_yaml(path)
-    if not isinstance(data, dict) or "train" not in data:
-        raise ConfigError(f"{path}: train: the file has no train section")
-    base = path.resolve().parent
-    try:
-        config = from_dict(TrainConfig, data["train"], "train")
-        publish = data.get("publish")
-        default_dataset = None
-        if isinstance(publish, dict) and publish.get("uri") and publish.get("name"):
-            default_dataset = dataset_uri(_resolve_path(str(publish["uri"]), base),
-                                          str(publish["name"]))
-        return resolved(config, base, default_dataset)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    """The `train` section of a project file; relative paths resolve against its folder."""
+    return train_section(read_project(path))

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from training.config import TrainConfig, resolved
+from cpo_data.project import resolve_paths
+from training.config import TrainConfig
 from training.errors import TrainingError
 from training.run import RUN_MANIFEST
 
@@ -44,7 +45,7 @@ def write_launch_config(config: TrainConfig, run_dir: Path) -> Path:
     folder, not this process's working directory."""
     path = run_dir / LAUNCH_CONFIG
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = resolved(config, Path.cwd(), config.dataset)
+    config = resolve_paths(config, Path.cwd())
     # Through JSON: tuples become lists, which the YAML loader reads back into tuples.
     train = json.loads(json.dumps(dataclasses.asdict(config)))
     path.write_text(yaml.safe_dump({"train": train}, sort_keys=False), encoding="utf-8")

@@ -10,6 +10,7 @@ new tokens start at the same column. On CUDA out-of-memory a batch is split in h
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -293,5 +294,6 @@ def release_models() -> None:
 
     loaded.forget()  # the generators a build kept hold these models too
     _load.cache_clear()
+    gc.collect()  # a model in a reference cycle would hold its CUDA blocks past empty_cache
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

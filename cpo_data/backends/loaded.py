@@ -18,13 +18,23 @@ The objects carry per-call state (batch counters, the language tokens of the bat
 with several threads still runs one shard's model work at a time, as its one GPU would anyway.
 What a shard reports (generated, from cache, scored) is counted per call by the stages, not on
 these objects, so it stays per shard.
+
+Stages that share a device take turns on it: before a model of one kind (generator, scorer)
+loads, the kept objects of the other kind on the same device are released (`release`), so what
+a process holds at its peak is one stage's models, not both stages' (ALMA-13B and two XXL
+scorers together hold no 40 or 48 GB card). This is done here, at the load, because here it
+reaches every process that holds models, the flow's own or each Dask worker, without the flow
+having to address them. A build runs all its generation before any scoring
+(`cpo_data.build.run_build`, `pipelines.build`), so each model still loads once per process
+and phase.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cpo_data.config import GeneratorConfig, ScorerConfig
@@ -36,19 +46,81 @@ KEEP = 4
 in_use = threading.Lock()
 """Held while a shard generates or scores, around getting the objects and using them."""
 
-_kept: OrderedDict[tuple[str, Any], tuple[str | None, Any]] = OrderedDict()
-_kept_lock = threading.Lock()
+Key = tuple[str, Any]
+"""(kind, config): kind is "generator" or "scorer"."""
+
+_kept: OrderedDict[Key, tuple[str | None, Any, str | None]] = OrderedDict()
+"""Per key: the weights' fingerprint, the object, and the device its model sits on."""
+_kept_lock = threading.RLock()  # reentrant: `_keep` releases while it holds it
 
 
-def _keep(kind: str, config: Any, weights: str | None, load: Callable[[Any], Any],
-          forget_weights: Callable[[], None]) -> Any:
+def device_of(config: GeneratorConfig | ScorerConfig) -> str | None:
+    """The device a config's model loads on, resolved as the backends resolve it, so that
+    `auto`, `cuda` and `cuda:0` compare equal where they name one GPU; None for a scorer that
+    holds no model (sacrebleu's)."""
+    if isinstance(config, ScorerConfig) and config.kind != "comet":
+        return None
+    import torch
+
+    from cpo_data.backends.torch_device import pick_device
+
+    device = pick_device(config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device.type if device.type == "cpu" else str(device)
+
+
+def to_release(kind: str, device: str | None, kept: Mapping[Key, str | None]) -> list[Key]:
+    """What must go before a `kind` model loads on `device`: the kept objects of the other
+    kind on that device (`kept`: each key's device). Those of the same kind are one stage's
+    models, used together; those on another device take none of this one's memory."""
+    if device is None:
+        return []
+    return [key for key, on in kept.items() if key[0] != kind and on == device]
+
+
+def release(keys: Iterable[Key]) -> None:
+    """Drop these kept objects and their backends' weight caches, and hand the memory back.
+
+    The backends' `_load` caches are cleared whole (an lru_cache drops no single entry): the
+    models of objects still kept stay alive through those objects, and only a new config
+    sharing weights with one of them would read its weights again. `gc.collect` comes before
+    `empty_cache`: a model can sit in a reference cycle, and CUDA's cache returns only blocks
+    whose tensors are gone."""
+    keys = list(keys)
+    with _kept_lock:
+        for key in keys:
+            _kept.pop(key, None)
+    kinds = {kind for kind, _ in keys}
+    if "generator" in kinds:
+        from cpo_data.backends import hf_generate
+
+        hf_generate._load.cache_clear()
+    if "scorer" in kinds:
+        from cpo_data.backends import comet_score
+
+        comet_score._load.cache_clear()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _keep(kind: str, config: Any, weights: str | None, load: Callable[[Any], Any]) -> Any:
     with _kept_lock:
         kept = _kept.get((kind, config))
         if kept is not None and kept[0] != weights:
-            forget_weights()  # the backend's cache holds the old weights under the same path
+            # The backend's cache holds the old weights under the same path; and they go
+            # before the new ones load, not after.
+            release([(kind, config)])
             kept = None
         if kept is None:
-            kept = (weights, load(config))
+            device = device_of(config)
+            others = to_release(kind, device, {key: value[2] for key, value in _kept.items()})
+            if others:
+                release(others)
+            kept = (weights, load(config), device)
         _kept[kind, config] = kept
         _kept.move_to_end((kind, config))
         while len(_kept) > KEEP:
@@ -61,8 +133,7 @@ def generator(config: GeneratorConfig):
     its weights change."""
     from cpo_data.backends import hf_generate
 
-    return _keep("generator", config, generator_weights(config), hf_generate.load_generator,
-                 hf_generate._load.cache_clear)
+    return _keep("generator", config, generator_weights(config), hf_generate.load_generator)
 
 
 def scorer(config: ScorerConfig):
@@ -70,8 +141,7 @@ def scorer(config: ScorerConfig):
     weights change."""
     from cpo_data.backends import comet_score
 
-    return _keep("scorer", config, scorer_weights(config), comet_score.load_scorer,
-                 comet_score._load.cache_clear)
+    return _keep("scorer", config, scorer_weights(config), comet_score.load_scorer)
 
 
 class LazyGenerator:

@@ -1,0 +1,58 @@
+"""The whole project file as frozen configs: build, train and deploy sections, read once.
+
+Every entry point on this layer (the command line, the flows when given a path, `serve`, the
+demo) loads a project here; `python -m training`, below this layer, reads its one section
+through `training.config.load_train_config`, which reads the file once as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpo_data.config import BuildConfig
+from cpo_data.fields import ConfigError
+from cpo_data.project import ProjectFile, build_section, parse, published_dataset, read_project
+from pipelines.deploy import DeployConfig
+from training.config import TrainConfig, train_section
+
+
+@dataclass(frozen=True)
+class Project:
+    """One project file's sections."""
+
+    file: ProjectFile
+    build: BuildConfig | None
+    """None when the file has no build sections (a training-only file)."""
+    train: TrainConfig | None
+    """None when the file has no `train` section."""
+    deploy: DeployConfig
+    """The `deploy` section, or its defaults."""
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the build publishes ({store}/{name})."""
+        return published_dataset(self.file)
+
+    def need_build(self) -> BuildConfig:
+        if self.build is None:
+            raise ConfigError(f"{self.file.path}: sources: the file has no build sections "
+                              "(sources, publish)")
+        return self.build
+
+    def need_train(self) -> TrainConfig:
+        if self.train is None:
+            raise ConfigError(f"{self.file.path}: train: the file has no train section")
+        return self.train
+
+
+def load_project(path: str | Path) -> Project:
+    """Read a project file once and check every section it has."""
+    file = read_project(path)
+    has_build = any(key in file.data for key in ("sources", "publish"))
+    return Project(
+        file=file,
+        build=build_section(file) if has_build else None,
+        train=train_section(file) if file.section("train") is not None else None,
+        deploy=parse(DeployConfig, file.section("deploy") or {}, file, "deploy"),
+    )
