@@ -51,7 +51,8 @@ print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "loads": dic
 
 def run_child(tree: Path, config: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(config)], env=env,
+    # cwd too: `python -c` puts its working directory first on sys.path.
+    done = subprocess.run([sys.executable, "-c", CHILD, str(config)], env=env, cwd=tree,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
@@ -79,6 +80,7 @@ def main() -> None:
         cold = run_child(tree, config)
         rerun = run_child(tree, config)
         assert rerun["triplets"] == cold["triplets"]
+        assert Path(cold["library"]).is_relative_to(tree), cold["library"]
         results[str(tree)] = {"cold": cold, "cached_rerun_in_a_new_process": rerun}
     reruns = [r["cached_rerun_in_a_new_process"]["seconds"] for r in results.values()]
     print(json.dumps({"sources": args.sources, "shard_size": args.shard_size,
