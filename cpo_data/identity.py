@@ -15,10 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cpo_data.backends.torch_device import pick_device, pick_dtype
 from cpo_data.config import GeneratorConfig, ScorerConfig
 from cpo_data.errors import UserError
-from cpo_data.fingerprint import scorer_weights, weights_fingerprint
+from cpo_data.fingerprint import adapter_weights, scorer_weights, weights_fingerprint
 
 
 class IdentityError(UserError):
@@ -36,24 +35,39 @@ def model_json(model: str, revision: str | None, filename: str) -> dict | None:
         path = Path(model).expanduser() / filename
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+    )
 
-    cached = try_to_load_from_cache(model, filename, revision=revision)
-    if isinstance(cached, str):
-        return json.loads(Path(cached).read_text(encoding="utf-8"))
-    if cached is not None:  # the cache knows the repo has no such file
-        return None
+    if model.startswith((".", "/", "~")):
+        raise IdentityError(f"model folder {model} does not exist")
     try:
+        cached = try_to_load_from_cache(model, filename, revision=revision)
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text(encoding="utf-8"))
+        if cached is not None:  # the cache knows the repo has no such file
+            return None
         return json.loads(Path(hf_hub_download(model, filename, revision=revision))
                           .read_text(encoding="utf-8"))
+    except HFValidationError:
+        raise IdentityError(f"{model!r} is neither a local folder nor a hub id "
+                            "(org/name)") from None
+    except LocalEntryNotFoundError as error:  # offline: not "the repo has no such file"
+        raise _unreachable(model, filename, error) from None
     except EntryNotFoundError:
         return None
     except Exception as error:  # noqa: BLE001 - the hub raises many kinds; say which
-        raise IdentityError(
-            f"cannot read {filename} of {model!r}: it is not a local folder and the Hugging "
-            f"Face hub did not provide it ({type(error).__name__}: {error}). This machine may "
-            "be offline (HF_HUB_OFFLINE, no network): download the model where there is a "
-            "network and point `model` at the folder or the HF cache.") from None
+        raise _unreachable(model, filename, error) from None
+
+
+def _unreachable(model: str, filename: str, error: Exception) -> IdentityError:
+    return IdentityError(
+        f"cannot read {filename} of {model!r}: it is not a local folder and the Hugging "
+        f"Face hub did not provide it ({type(error).__name__}: {error}). This machine may "
+        "be offline (HF_HUB_OFFLINE, no network): download the model where there is a "
+        "network and point `model` at the folder or the HF cache.")
 
 
 def is_seq2seq(config: GeneratorConfig) -> bool:
@@ -95,6 +109,21 @@ def decoding(config: GeneratorConfig) -> dict[str, Any]:
     return settings
 
 
+def resolved_dtype(dtype: str, device: str) -> str:
+    """The dtype a model will run in, as torch names it (`torch.bfloat16`). A named dtype
+    needs no device; `auto` depends on the device, resolved here where it can be: this
+    process (a CPU-only flow host of GPU workers) may not see the device, and then the key
+    says which device's default it stands for."""
+    if dtype != "auto":
+        return f"torch.{dtype}"
+    from cpo_data.backends.torch_device import DeviceError, pick_device, pick_dtype
+
+    try:
+        return str(pick_dtype(dtype, pick_device(device)))
+    except DeviceError:
+        return f"auto@{device}"
+
+
 def generator_identity(config: GeneratorConfig) -> dict[str, Any]:
     """What decides a generator's outputs."""
     seq2seq = is_seq2seq(config)
@@ -105,8 +134,8 @@ def generator_identity(config: GeneratorConfig) -> dict[str, Any]:
         "model": None if _is_folder(config.model) else config.model,
         "weights": weights_fingerprint(config.model, config.revision),
         "adapter": None if _is_folder(adapter) else adapter,
-        "adapter_weights": weights_fingerprint(adapter, None) if adapter else None,
-        "dtype": str(pick_dtype(config.dtype, pick_device(config.device))),
+        "adapter_weights": adapter_weights(adapter) if adapter else None,
+        "dtype": resolved_dtype(config.dtype, config.device),
         "prompt": None if seq2seq else config.prompt_template,
         # The template's text comes with the model's files, which the fingerprint covers.
         "chat_template": (not seq2seq) and config.use_chat_template,
@@ -120,7 +149,7 @@ def scorer_identity(config: ScorerConfig) -> dict[str, Any]:
     """What decides a scorer's numbers."""
     if config.kind == "comet":
         return {"kind": "comet", "weights": scorer_weights(config),
-                "dtype": str(pick_dtype(config.dtype, pick_device(config.device))),
+                "dtype": resolved_dtype(config.dtype, config.device),
                 "use_reference": config.use_reference}
     # sacrebleu's own signature exists only after a corpus score; these are its parts.
     return {"kind": config.kind, "sacrebleu": importlib.metadata.version("sacrebleu"),

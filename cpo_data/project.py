@@ -54,11 +54,21 @@ class ProjectFile:
 
     @property
     def prompt_template(self) -> str | None:
-        """The project-wide prompt (`prompt_template:` at the top), if the file sets one."""
+        """The project-wide prompt (`prompt_template:` at the top), if the file sets one;
+        checked here, under its own key, as the sections check theirs."""
         value = self.data.get("prompt_template")
-        if value is not None and not isinstance(value, str):
+        if value is None:
+            return None
+        if not isinstance(value, str):
             raise ConfigError(f"{self.path}: prompt_template: expected str, got "
                               f"{type(value).__name__}")
+        if "{src}" not in value:
+            raise ConfigError(f"{self.path}: prompt_template: must contain {{src}}")
+        try:
+            value.format(Src="x", Tgt="y", src="z", src_lang="a", tgt_lang="b")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ConfigError(f"{self.path}: prompt_template: cannot be filled: "
+                              f"{error!r}") from None
         return value
 
 
@@ -94,6 +104,8 @@ def with_prompt(section: dict[str, Any], prompt: str | None, *keys: str) -> dict
     section = dict(section)
     inner = section
     for key in parents:
+        if not isinstance(inner.get(key) or {}, dict):
+            return section  # not a mapping: from_dict names the key
         inner[key] = dict(inner.get(key) or {})
         inner = inner[key]
     inner.setdefault(last, prompt)
@@ -201,10 +213,12 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
 
 
 def resolve_path(path: str, base: Path) -> str:
-    """A local path made absolute against `base`; URIs and absolute paths stay as they are."""
-    if "://" in path or Path(path).is_absolute():
+    """A local path made absolute against `base` (`~` is the home folder); URIs and absolute
+    paths stay as they are."""
+    if "://" in path:
         return path
-    return str((base / path).resolve())
+    local = Path(path).expanduser()
+    return str(local if local.is_absolute() else (base / local).resolve())
 
 
 def resolve_paths(config: Any, base: Path) -> Any:
@@ -216,7 +230,7 @@ def resolve_paths(config: Any, base: Path) -> Any:
         kind = f.metadata.get("path")
         if isinstance(value, str) and kind == "file":
             changes[f.name] = resolve_path(value, base)
-        elif isinstance(value, str) and kind == "model" and value.startswith("."):
+        elif isinstance(value, str) and kind == "model" and value.startswith((".", "~")):
             changes[f.name] = resolve_path(value, base)  # `org/name` is a hub id
         elif dataclasses.is_dataclass(value):
             changes[f.name] = resolve_paths(value, base)

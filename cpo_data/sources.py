@@ -222,8 +222,9 @@ class _Source:
     dispreferred: str | None = None
     delta: float | None = None
     duplicates: int = 1
-    empty: list[str] = field(default_factory=list)
-    """Provided outputs that were empty, as "system (column)": each becomes a dropped row."""
+    empty: list[tuple[str, str]] = field(default_factory=list)
+    """Provided outputs that were empty, as (system, detail): each one that no duplicate of
+    this source fills becomes a dropped row."""
 
 
 class _RowReader:
@@ -292,13 +293,15 @@ def _apply_label(source: _Source, delta: float | None, positive: str, negative: 
 
 def _outputs(reader: _RowReader, columns: dict[str, str],
              container: dict | None = None) -> tuple[dict[str, str], list[str]]:
-    """Provided outputs per system, and the empty ones as "system (column)" for their drops."""
+    """Provided outputs per system, and the empty ones as (system, "file:row: system
+    (column) is empty") for their drops."""
     systems, empty = {}, []
     where = "" if container is None else "translation."  # only ALMA-R rows nest their fields
     for name, column in columns.items():
         text = reader.text(column, required=False, container=container)
         if text is None:
-            empty.append(f"{name} ({where}{column})")
+            empty.append((name, f"{reader.file}:{reader.number}: {name} ({where}{column}) "
+                                "is empty"))
         else:
             systems[name] = text
     return systems, empty
@@ -374,20 +377,25 @@ def _alma_r_sources(config: SourcesConfig, reader: _RowReader,
 
 
 def _merge(first: _Source, later: _Source, sid: str, drops: Drops) -> None:
-    """Fold a later duplicate into its first occurrence. An output the first lacks is added
-    and one it has identically is already there, so neither is lost; a text or label that
-    differs from the first's has no place in the row, so it is a drop."""
+    """Fold a later duplicate into its first occurrence. An output, reference or label the
+    first lacks is taken from the later one, and one it has identically is already there, so
+    neither is lost; one that differs from the first's has no place in the row: a drop."""
     first.duplicates += 1
+    first.empty += later.empty  # dropped at the end, unless an occurrence has the output
     pair = lang_pair(first.src_lang, first.tgt_lang)
     lost = []
     for name, text in later.systems.items():
         if first.systems.setdefault(name, text) != text:  # setdefault adds what the first lacks
             lost.append(f"{name} output")
-    if later.ref is not None and later.ref != first.ref:
+    if first.ref is None:
+        first.ref = later.ref
+    elif later.ref is not None and later.ref != first.ref:
         lost.append("reference")
     label = (later.preferred, later.dispreferred, later.delta)
-    if later.preferred is not None and label != (first.preferred, first.dispreferred,
-                                                 first.delta):
+    if first.preferred is None:
+        first.preferred, first.dispreferred, first.delta = label
+    elif later.preferred is not None and label != (first.preferred, first.dispreferred,
+                                                   first.delta):
         lost.append("human label")
     for what in lost:
         drops.add(sid, pair, CONFLICTING_DUPLICATE,
@@ -439,9 +447,7 @@ def load_sources(configs: Sequence[SourcesConfig] | SourcesConfig) -> Sources:
             for source in made:
                 report.rows_read += 1
                 sid = source_id(source.src_lang, source.tgt_lang, source.src)
-                for output in source.empty:
-                    drops.add(sid, lang_pair(source.src_lang, source.tgt_lang),
-                              EMPTY_SYSTEM_OUTPUT, f"{source.origin}: {output} is empty")
+                report.empty_system_outputs += len(source.empty)  # as read, row by row
                 first = collected.get(sid)
                 if first is None:
                     collected[sid] = source
@@ -449,7 +455,11 @@ def load_sources(configs: Sequence[SourcesConfig] | SourcesConfig) -> Sources:
                 # Merged, not lost: counted in the report; only what differs is a drop.
                 report.duplicates_collapsed += 1
                 _merge(first, source, sid, drops)
-    report.empty_system_outputs = drops.counts().get(EMPTY_SYSTEM_OUTPUT, 0)
+    for sid, source in collected.items():  # after merging: a duplicate may have filled one
+        for name, detail in source.empty:
+            if name not in source.systems:
+                drops.add(sid, lang_pair(source.src_lang, source.tgt_lang), EMPTY_SYSTEM_OUTPUT,
+                          detail)
     table = _to_table(collected)
     report.sources = table.num_rows
     for pair in table.column("lang_pair").to_pylist():

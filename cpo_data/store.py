@@ -279,7 +279,8 @@ def read_source_ids(uri: str, version: str = "latest", *, name: str | None = Non
 
 
 def read_dropped(uri: str, version: str = "latest", *, name: str | None = None) -> pd.DataFrame:
-    """What selection left out of one version, with a reason per row."""
+    """What the build left out of one version (ingestion, generation, scoring, selection),
+    with a reason and a detail per row."""
     return _read_files(uri, version, name, "dropped_files", schema.DROPPED, False).to_pandas()
 
 

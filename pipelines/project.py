@@ -49,7 +49,8 @@ class Project:
 def load_project(path: str | Path) -> Project:
     """Read a project file once and check every section it has."""
     file = read_project(path)
-    has_build = any(key in file.data for key in ("sources", "publish"))
+    # `publish` alone may be there to name a training-only file's dataset.
+    has_build = "sources" in file.data
     return Project(
         file=file,
         build=build_section(file) if has_build else None,

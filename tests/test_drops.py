@@ -106,8 +106,9 @@ def test_a_collapsed_duplicate_is_merged_and_counted_not_dropped(tmp_path):
     assert loaded.report.duplicates_collapsed == 1
     assert {s["system"]: s["text"] for s in loaded.table.to_pylist()[0]["systems"]} == {
         "a": "One.", "b": "Uno."}
-    # Only the first file's empty b is a drop; the merge itself loses nothing.
-    assert loaded.dropped.column("detail").to_pylist() == [f"{first}:1: b (sys_b) is empty"]
+    # The first file's empty b is filled by the repeat: a candidate after all, no drop.
+    assert loaded.dropped.num_rows == 0
+    assert loaded.report.empty_system_outputs == 1  # as read
 
 
 def test_what_a_duplicate_has_differently_is_a_dropped_row(tmp_path):
@@ -179,6 +180,22 @@ def test_every_stage_drops_through_the_recorder_in_one_shape(tmp_path, recorded)
     assert selection.report.dropped == {"single_candidate": 2, "score_missing": 1}
     # One table of drops for a build, as the build concatenates them.
     assert pa.concat_tables(t for t, _ in stages.values()).num_rows == len(rows)
-    # Ingestion's details name the file and row they came from.
+    # Ingestion's details name the file and row they came from: conflicts as the repeats
+    # are merged, empty outputs once every repeat had its chance to fill them.
     assert [d.split(": ")[0] for d in loaded.dropped.column("detail").to_pylist()] == [
-        f"{first}:1", f"{again}:1"]
+        f"{again}:1", f"{first}:1"]
+
+
+def test_a_repeat_fills_what_the_first_occurrence_lacked(tmp_path):
+    """A first occurrence without an output, reference or label takes the repeat's: nothing
+    is reported as lost, and nothing the table holds is reported as dropped."""
+    labels = dict(MAPPING, label_column="delta", label_positive="a", label_negative="b")
+    first = write_jsonl(tmp_path / "one.jsonl", [dict(_row("Eins.", "One.", ""), ref=None)])
+    again = write_jsonl(tmp_path / "two.jsonl", [dict(_row("Eins.", "One.", "Uno."),
+                                                      ref="One!", delta=1.0)])
+    loaded = load_sources([SourcesConfig(path=str(first), **MAPPING),
+                           SourcesConfig(path=str(again), **labels)])
+    row = loaded.table.to_pylist()[0]
+    assert row["ref"] == "One!" and row["human_preferred"] == "a"
+    assert {s["system"] for s in row["systems"]} == {"a", "b"}
+    assert loaded.dropped.num_rows == 0

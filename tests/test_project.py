@@ -187,3 +187,31 @@ def test_a_file_that_is_not_a_mapping_is_named(tmp_path):
     path.write_text("- just\n- a list\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"project\.yaml: expected a mapping of sections"):
         read_project(path)
+
+
+def test_a_training_only_file_names_its_dataset_by_publish(tmp_path):
+    from pipelines.project import load_project
+
+    path = write(tmp_path, {"publish": PROJECT["publish"], "train": {"model": "./m"}})
+    project = load_project(path)
+    assert project.build is None
+    assert project.train.dataset == train_config.load_train_config(path).dataset == str(
+        tmp_path / "store" / "mt")
+
+
+def test_a_bad_project_prompt_is_named_by_its_own_key(tmp_path):
+    from cpo_data.fields import ConfigError
+    from pipelines.project import load_project
+
+    with pytest.raises(ConfigError, match=r"project\.yaml: prompt_template: must contain"):
+        load_project(write(tmp_path, {**PROJECT, "prompt_template": "no source here"}))
+    with pytest.raises(ConfigError, match=r"select: expected a mapping"):
+        load_project(write(tmp_path, {**PROJECT, "prompt_template": "{src}", "select": ["x"]}))
+
+
+def test_home_relative_paths_expand(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    resolved = resolve_paths(train_config.TrainConfig(model="~/m", output_dir="~/runs"),
+                             tmp_path / "project")
+    assert (resolved.model, resolved.output_dir) == (str(tmp_path / "home" / "m"),
+                                                     str(tmp_path / "home" / "runs"))

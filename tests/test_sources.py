@@ -91,9 +91,9 @@ def test_duplicates_collapse_with_a_count_and_merge_systems(tmp_path, rows):
     assert loaded.report.rows_read == 5
     assert loaded.report.duplicates_collapsed == 2
     assert loaded.report.empty_system_outputs == 1
-    # The merge is counted, not dropped; the empty b and the other a are what is left out.
-    assert loaded.dropped.column("reason").to_pylist() == ["empty_system_output",
-                                                           "conflicting_duplicate"]
+    # The merge is counted, not dropped; the repeat's empty b is the first's b, so only the
+    # other a is left out.
+    assert loaded.dropped.column("reason").to_pylist() == ["conflicting_duplicate"]
     row = loaded.table.to_pylist()[0]
     assert row["duplicates"] == 3
     assert {s["system"]: s["text"] for s in row["systems"]}["a"] == rows[0]["sys_a"]

@@ -110,12 +110,15 @@ class HFGenerator:
         # Computed from the config and files, as the build computes it before any model
         # loads; what this loaded model turned out to be must agree with it.
         self.identity = generator_identity(config)
-        loaded_as = ("seq2seq" if self.seq2seq else "causal", self.scheme)
-        expected = (self.identity["kind"], self.identity["language_tokens"])
-        if loaded_as != expected:
-            raise GenerateError(f"{config.model}: loads as {loaded_as} (kind, language tokens), "
-                                f"but its files say {expected}; set generate.models[].kind and "
-                                "language_tokens explicitly")
+        kind = "seq2seq" if self.seq2seq else "causal"
+        if kind != self.identity["kind"]:
+            raise GenerateError(f"{config.model}: loads as a {kind} model, but its config.json "
+                                f"says {self.identity['kind']}; set kind: {kind} for it")
+        if self.scheme != self.identity["language_tokens"]:
+            raise GenerateError(
+                f"{config.model}: its tokenizer uses {self.scheme or 'no'} language tokens, but "
+                f"its tokenizer_config.json says {self.identity['language_tokens'] or 'none'}; "
+                f"set language_tokens: {self.scheme or 'none'} for it")
         # Counters for tests, benchmarks and the run summary.
         self.batches = 0
         self.oom_splits = 0
