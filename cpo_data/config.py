@@ -18,6 +18,7 @@ from cpo_data.fields import (
     _check_choice,
     _check_device,
     _check_lang,
+    _check_prompt,
     _fail,
 )
 from cpo_data.fields import ConfigError as ConfigError  # its documented home is here too
@@ -158,8 +159,7 @@ class GeneratorConfig:
             _fail("temperature", "must be positive")
         if not 0 < self.top_p <= 1:
             _fail("top_p", "must be in (0, 1]")
-        if "{src}" not in self.prompt_template:
-            _fail("prompt_template", "must contain {src}")
+        _check_prompt("prompt_template", self.prompt_template)
 
 
 @dataclass(frozen=True)
@@ -302,12 +302,7 @@ class SelectConfig:
     """Systems whose candidates are never paired (a text another system also gave stays)."""
 
     def __post_init__(self) -> None:
-        if "{src}" not in self.prompt_template:
-            _fail("prompt_template", "must contain {src}")
-        try:
-            self.prompt_template.format(Src="x", Tgt="y", src="z", src_lang="a", tgt_lang="b")
-        except (KeyError, IndexError, ValueError) as error:
-            _fail("prompt_template", f"cannot be filled: {error!r}")
+        _check_prompt("prompt_template", self.prompt_template)
         if self.min_margin < 0 or not math.isfinite(self.min_margin):
             _fail("min_margin", f"must be a finite number >= 0, got {self.min_margin}")
         _check_at_least(self, 1, "pairs_per_source")

@@ -51,3 +51,14 @@ def _check_lang(key: str, code: str | None) -> None:
         get_language(code)
     except UnknownLanguageError as error:
         _fail(key, str(error))
+
+
+def _check_prompt(key: str, template: str) -> None:
+    """A prompt template the stages can fill: it holds {src}, and {Src}, {Tgt}, {src_lang},
+    {tgt_lang} are all it may ask for besides."""
+    if "{src}" not in template:
+        _fail(key, "must contain {src}")
+    try:
+        template.format(Src="x", Tgt="y", src="z", src_lang="a", tgt_lang="b")
+    except (KeyError, IndexError, ValueError) as error:
+        _fail(key, f"cannot be filled: {error!r}")

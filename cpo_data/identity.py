@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from cpo_data.config import GeneratorConfig, ScorerConfig
-from cpo_data.errors import UserError
-from cpo_data.fingerprint import adapter_weights, scorer_weights, weights_fingerprint
-
-
-class IdentityError(UserError):
-    """A model whose small config files cannot be read (not there, not downloadable)."""
+from cpo_data.fingerprint import (
+    adapter_weights,
+    hub_file,
+    scorer_weights,
+    weights_fingerprint,
+)
 
 
 def _is_folder(path: str | None) -> bool:
@@ -29,45 +29,15 @@ def _is_folder(path: str | None) -> bool:
 
 
 def model_json(model: str, revision: str | None, filename: str) -> dict | None:
-    """A small JSON file of a model folder or hub repo (None when the model has none); from
-    the Hugging Face cache when it is there, else downloaded (a few kB)."""
+    """A small JSON file of a model folder or hub repo (None when the model has none); for a
+    hub repo from the Hugging Face cache, else downloaded (`fingerprint.hub_file`)."""
     if _is_folder(model):
-        path = Path(model).expanduser() / filename
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-    )
-
-    if model.startswith((".", "/", "~")):
-        raise IdentityError(f"model folder {model} does not exist")
-    try:
-        cached = try_to_load_from_cache(model, filename, revision=revision)
-        if isinstance(cached, str):
-            return json.loads(Path(cached).read_text(encoding="utf-8"))
-        if cached is not None:  # the cache knows the repo has no such file
-            return None
-        return json.loads(Path(hf_hub_download(model, filename, revision=revision))
-                          .read_text(encoding="utf-8"))
-    except HFValidationError:
-        raise IdentityError(f"{model!r} is neither a local folder nor a hub id "
-                            "(org/name)") from None
-    except LocalEntryNotFoundError as error:  # offline: not "the repo has no such file"
-        raise _unreachable(model, filename, error) from None
-    except EntryNotFoundError:
-        return None
-    except Exception as error:  # noqa: BLE001 - the hub raises many kinds; say which
-        raise _unreachable(model, filename, error) from None
-
-
-def _unreachable(model: str, filename: str, error: Exception) -> IdentityError:
-    return IdentityError(
-        f"cannot read {filename} of {model!r}: it is not a local folder and the Hugging "
-        f"Face hub did not provide it ({type(error).__name__}: {error}). This machine may "
-        "be offline (HF_HUB_OFFLINE, no network): download the model where there is a "
-        "network and point `model` at the folder or the HF cache.")
+        path: Path | None = Path(model).expanduser() / filename
+        if not path.is_file():
+            path = None
+    else:
+        path = hub_file(model, revision, filename)
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
 
 
 def is_seq2seq(config: GeneratorConfig) -> bool:

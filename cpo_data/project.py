@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from cpo_data.config import BuildConfig, PublishConfig
-from cpo_data.fields import ConfigError, _fail
+from cpo_data.fields import ConfigError, _check_prompt, _fail
 
 OTHER_SECTIONS = ("train", "deploy", "prompt_template")
 """Top-level keys that are not the build's."""
@@ -62,13 +62,10 @@ class ProjectFile:
         if not isinstance(value, str):
             raise ConfigError(f"{self.path}: prompt_template: expected str, got "
                               f"{type(value).__name__}")
-        if "{src}" not in value:
-            raise ConfigError(f"{self.path}: prompt_template: must contain {{src}}")
         try:
-            value.format(Src="x", Tgt="y", src="z", src_lang="a", tgt_lang="b")
-        except (KeyError, IndexError, ValueError) as error:
-            raise ConfigError(f"{self.path}: prompt_template: cannot be filled: "
-                              f"{error!r}") from None
+            _check_prompt("prompt_template", value)
+        except ConfigError as error:
+            raise ConfigError(f"{self.path}: {error}") from None
         return value
 
 

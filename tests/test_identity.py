@@ -62,3 +62,15 @@ def test_the_dtype_key_needs_no_gpu_in_this_process():
     assert resolved_dtype("auto", "cpu") == str(torch.float32)
     if not torch.cuda.is_available():
         assert resolved_dtype("auto", "cuda:1") == "auto@cuda:1"
+
+
+def test_an_unreachable_hub_is_not_taken_for_a_missing_file(hub_cache):
+    """Offline and uncached, `config.json` is unknown, not absent: guessing "no config" would
+    key a Marian model as a causal one."""
+    from cpo_data.fingerprint import HubUnreachable
+    from cpo_data.identity import model_json
+
+    with pytest.raises(HubUnreachable, match=r"cannot read config.json of 'Helsinki-NLP/x'"):
+        model_json("Helsinki-NLP/x", None, "config.json")
+    fake_hub_repo(hub_cache, "org/base", "c0ffee", "config.json")
+    assert model_json("org/base", None, "config.json") == {}

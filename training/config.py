@@ -20,6 +20,7 @@ from cpo_data.fields import (
     _check_at_least,
     _check_choice,
     _check_device,
+    _check_prompt,
     _fail,
 )
 from cpo_data.project import (
@@ -91,8 +92,7 @@ class EvalConfig:
             _fail("comet", "scores test translations: give a test_set too")
         if self.compare_base and self.test_set is None:
             _fail("compare_base", "compares test translations: give a test_set too")
-        if "{src}" not in self.prompt_template:
-            _fail("prompt_template", "must contain {src}")
+        _check_prompt("prompt_template", self.prompt_template)
 
 
 @dataclass(frozen=True)
