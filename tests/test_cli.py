@@ -78,9 +78,36 @@ def test_console_script_runs_the_demo_and_leaves_no_server_behind(tmp_path):
     home = tmp_path / "prefect-home"
     env = dict(os.environ, PREFECT_HOME=str(home))
     result = subprocess.run([exe, "demo", "--store", str(tmp_path / "store"), "--rows", "1"],
-                            capture_output=True, text=True, timeout=120, env=env)
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "pd.read_parquet(" in result.stdout and "==> trained 120 steps" in result.stdout
     assert "Error logging to API" not in result.stderr
     # Prefect's temporary server was started under this PREFECT_HOME; none may outlive us.
     assert processes_with_env(f"PREFECT_HOME={home}") == []
+
+
+@pytest.mark.parametrize("user_setting, expected_wait", [
+    ({}, "patient"),
+    ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 300}, 300),  # the user's choice stays
+    ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "prefect's"),  # their own server
+])
+def test_flow_commands_give_a_new_prefect_database_time_to_migrate(
+        monkeypatch, capsys, user_setting, expected_wait):
+    import prefect.settings as ps
+
+    from cpo_data.errors import UserError
+    from pipelines import build, cli
+
+    def report_the_wait(config):
+        raise UserError(f"wait {ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()}")
+
+    monkeypatch.setattr(build, "build_triplets", report_the_wait)
+    config = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    updates = {getattr(ps, key): value for key, value in user_setting.items()}
+    with ps.temporary_settings(updates=updates):
+        assert main(["build", config]) == 2
+    prefects = type(ps.get_current_settings().server.ephemeral).model_fields[
+        "startup_timeout_seconds"].default
+    wait = {"patient": cli.TEMPORARY_SERVER_WAIT_S, "prefect's": prefects}.get(
+        expected_wait, expected_wait)
+    assert capsys.readouterr().err == f"error: wait {wait}\n"
