@@ -294,9 +294,7 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
     config, summary = run.config, run.summary
     candidates = pa.concat_tables(run.candidates) if run.candidates else None
     scores = pa.concat_tables(run.scores) if run.scores else None
-    selection = select.select_triplets(
-        run.loaded.table, candidates, scores, config.select, config.rank_by,
-        reference_name=config.generate.reference_name)
+    selection = select.select_triplets(run.loaded.table, candidates, scores, config.selection)
     dropped = pa.concat_tables([*run.dropped, selection.dropped])
     provenance = {
         "cpo_data_version": __version__,

@@ -7,6 +7,7 @@ type is refused before any work starts, with the key's full path in the message
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,9 @@ class GeneratorConfig:
         _check_prompt("prompt_template", self.prompt_template)
 
 
+REFERENCE_NAME = "ref"
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """Which candidates each source gets: provided system outputs and generated ones."""
@@ -170,7 +174,7 @@ class GenerateConfig:
     """Provided systems that become candidates; null means every one in the sources."""
     include_reference: bool = False
     """Whether the reference is a candidate too (ALMA-R: yes)."""
-    reference_name: str = "ref"
+    reference_name: str = REFERENCE_NAME
     """System name the reference carries when it is a candidate."""
     models: tuple[GeneratorConfig, ...] = ()
     """Hugging Face models that generate candidates."""
@@ -288,8 +292,9 @@ class SelectConfig:
     use_human_labels: bool = True
     """Rows with a human preference take it over the scores."""
     rank_by: str | None = None
-    """Score that ranks candidates (a scorer or ensemble name); null: the only ensemble, else
-    the only scorer."""
+    """Score that ranks candidates (a scorer or ensemble name). In a build, null picks the only
+    ensemble, else the only scorer; given to `select_triplets`, null means nothing was scored,
+    so only human labels make pairs."""
     min_margin: float = 0.0
     """Pairs whose chosen score exceeds the rejected one by less than this are dropped."""
     pairs_per_source: int = 1
@@ -300,6 +305,9 @@ class SelectConfig:
     """Whether the reference, when it is a candidate, may be the rejected side."""
     exclude_systems: tuple[str, ...] = ()
     """Systems whose candidates are never paired (a text another system also gave stays)."""
+    reference_name: str | None = None
+    """System name the reference carries among the candidates (for the two reference rules);
+    null: "ref". A build fills it from `generate.reference_name`, where it is set."""
 
     def __post_init__(self) -> None:
         _check_prompt("prompt_template", self.prompt_template)
@@ -393,6 +401,16 @@ class BuildConfig:
             _fail("select.exclude_systems", "only applies when candidates are scored")
         if self.score.scorers and self.rank_by is None:
             _fail("select.rank_by", "several scores exist: name the one that ranks candidates")
+        if self.select.reference_name not in (None, self.generate.reference_name):
+            _fail("select.reference_name", "the reference's name is set in one place, "
+                  "generate.reference_name")
+
+    @property
+    def selection(self) -> SelectConfig:
+        """`select` with everything selection needs filled in: the resolved `rank_by` and the
+        reference's name from `generate`."""
+        return dataclasses.replace(self.select, rank_by=self.rank_by,
+                                   reference_name=self.generate.reference_name)
 
     @property
     def rank_by(self) -> str | None:

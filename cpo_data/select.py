@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from cpo_data import schema
-from cpo_data.config import SelectConfig
+from cpo_data.config import REFERENCE_NAME, SelectConfig
 from cpo_data.drops import Drops
 from cpo_data.langs import language_name
 
@@ -180,14 +180,15 @@ class _Builder:
 
 
 def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.Table | None,
-                    config: SelectConfig, rank_by: str | None,
-                    reference_name: str = "ref") -> Selection:
+                    config: SelectConfig) -> Selection:
     """Triplets for every source that yields a pair, and a dropped row for everything else.
 
-    `rank_by` is the score that ranks candidates (`BuildConfig.rank_by`); None means nothing
-    was scored, so only human labels make pairs. `reference_name` is the system name the
-    reference carries as a candidate (for the reference rules).
+    `config.rank_by` is the score that ranks candidates; None means nothing was scored, so
+    only human labels make pairs. A build passes `BuildConfig.selection`, which has both it
+    and the reference's name resolved.
     """
+    rank_by = config.rank_by
+    reference_name = config.reference_name or REFERENCE_NAME
     sources = schema.validate(sources, schema.SOURCES, what="sources")
     score_map = _scores_by_candidate(scores)
     by_source = _candidates_by_source(candidates, score_map)

@@ -148,3 +148,17 @@ def test_shipped_configs_state_their_recipes():
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
     assert demo.rank_by == "chrf" and not demo.generate.include_reference
     assert demo.generate.models == ()
+
+
+def test_selection_gets_everything_it_needs_from_the_build(tmp_path):
+    scored = GOOD + ("generate:\n  include_reference: true\n  reference_name: human\n"
+                     "score:\n  scorers:\n    - {name: c, kind: chrf}\n")
+    config = load_config(_write(tmp_path, scored))
+    assert config.select.rank_by is None  # as written: the only scorer is meant
+    assert (config.selection.rank_by, config.selection.reference_name) == ("c", "human")
+    assert config.selection.min_margin == config.select.min_margin
+    unscored = load_config(_write(tmp_path, GOOD))
+    assert (unscored.selection.rank_by, unscored.selection.reference_name) == (None, "ref")
+    # The reference's name lives in generate; a different one under select is refused.
+    with pytest.raises(ConfigError, match=r"select\.reference_name: .*generate\.reference_name"):
+        load_config(_write(tmp_path, scored + "select:\n  reference_name: ref\n"))

@@ -155,8 +155,8 @@ def test_every_stage_drops_through_the_recorder_in_one_shape(tmp_path, recorded)
     loaded = load_sources([SourcesConfig(path=str(p), **MAPPING) for p in (first, again)])
     generated = generate_candidates(loaded.table, GenerateConfig(), [_Blank()])
     scored = score_candidates(generated.table, loaded.table, ScoreConfig(), [_Length()])
-    selection = select_triplets(loaded.table, generated.table, scored.table, SelectConfig(),
-                                rank_by="len")
+    selection = select_triplets(loaded.table, generated.table, scored.table,
+                                SelectConfig(rank_by="len"))
     stages = {"sources": (loaded.dropped, {"empty_system_output": 1,
                                            "conflicting_duplicate": 1}),
               "generate": (generated.dropped, {"empty_output": 2}),

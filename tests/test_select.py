@@ -21,7 +21,7 @@ def test_human_labels_pick_chosen_and_rejected(tmp_path, rows):
     rows.append(dict(rows[0], src="Ein vierter Satz.", sys_b=rows[0]["sys_a"], delta=1.0))
     sources = load_sources(SourcesConfig(path=str(write_jsonl(tmp_path / "s.jsonl", rows)),
                                          **CONFIG)).table
-    selection = select_triplets(sources, None, None, SelectConfig(), rank_by=None)
+    selection = select_triplets(sources, None, None, SelectConfig())
     triplets, dropped = selection.triplets, selection.dropped
     triplets = schema.validate(triplets, schema.TRIPLETS).to_pylist()
     assert [(t["chosen"], t["rejected"]) for t in triplets] == [
@@ -39,8 +39,7 @@ def test_human_labels_pick_chosen_and_rejected(tmp_path, rows):
 def test_human_labels_can_be_switched_off(tmp_path, rows):
     sources = load_sources(SourcesConfig(path=str(write_jsonl(tmp_path / "s.jsonl", rows)),
                                          **CONFIG)).table
-    selection = select_triplets(sources, None, None, SelectConfig(use_human_labels=False),
-                                rank_by=None)
+    selection = select_triplets(sources, None, None, SelectConfig(use_human_labels=False))
     triplets, dropped = selection.triplets, selection.dropped
     assert triplets.num_rows == 0
     assert set(dropped.column("reason").to_pylist()) == {"no_human_label"}
@@ -83,7 +82,7 @@ def _select(spec, rank_by="q", labels=None, **options):
         for row, (good, bad) in zip(rows, labels, strict=False):
             row["human_preferred"], row["human_dispreferred"] = good, bad
         sources = pa.Table.from_pylist(rows, schema=schema.SOURCES)
-    return select_triplets(sources, candidates, scores, SelectConfig(**options), rank_by)
+    return select_triplets(sources, candidates, scores, SelectConfig(rank_by=rank_by, **options))
 
 
 def _pairs(selection):
@@ -155,8 +154,8 @@ def test_reference_rules():
     (triplet,) = _select(shared, reference_may_be_chosen=False).triplets.to_pylist()
     assert (triplet["chosen"], triplet["chosen_system"]) == ("b", "other")
     # The reference's own system name comes from the generate config.
-    renamed = select_triplets(*_tables(spec), SelectConfig(reference_may_be_chosen=False),
-                              "q", reference_name="gpt4")
+    renamed = select_triplets(*_tables(spec), SelectConfig(
+        reference_may_be_chosen=False, rank_by="q", reference_name="gpt4"))
     assert _pairs(renamed) == [("r", "a")]
 
 
@@ -191,7 +190,7 @@ def test_every_drop_reason_on_hand_made_tables():
     extra = schema.validate(sources.slice(0, 1), schema.SOURCES).to_pylist()[0]
     extra.update(source_id="lost", src="keine Kandidaten")  # no candidate at all
     sources = pa.concat_tables([sources, pa.Table.from_pylist([extra], schema=schema.SOURCES)])
-    selection = select_triplets(sources, candidates, scores, SelectConfig(), "q")
+    selection = select_triplets(sources, candidates, scores, SelectConfig(rank_by="q"))
     assert _pairs(selection) == [("b", "c")]
     by_source = dict(zip(selection.dropped.column("source_id").to_pylist(), _drops(selection),
                          strict=False))
