@@ -178,7 +178,15 @@ def run_ours(args: argparse.Namespace, rows: list[dict], work: Path) -> dict:
     import tqdm.auto  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    from training.config import EvalConfig, LoraSettings, TrainConfig
+    from training.config import (
+        CheckpointSettings,
+        EvalConfig,
+        LengthSettings,
+        LoraSettings,
+        OptimizerSettings,
+        ScheduleSettings,
+        TrainConfig,
+    )
     from training.loop import train
 
     after_imports = _rss_mb("VmRSS")
@@ -187,11 +195,14 @@ def run_ours(args: argparse.Namespace, rows: list[dict], work: Path) -> dict:
         model=args.model, loss="cpo", loss_type="sigmoid", beta=BETA, cpo_alpha=CPO_ALPHA,
         finetune="lora", lora=LoraSettings(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=0.0,
                                            target_modules=TARGETS),
-        learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_ratio=0.0,
-        weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, max_steps=args.steps,
-        batch_size=args.batch_size, gradient_accumulation_steps=1, max_length=MAX_LENGTH,
-        max_prompt_length=MAX_PROMPT_LENGTH, precision=args.precision, device=device,
-        seed=args.seed, save_steps=0, resume=False, eval=EvalConfig(held_out=0))
+        optimizer=OptimizerSettings(learning_rate=LEARNING_RATE, weight_decay=0.0,
+                                    max_grad_norm=MAX_GRAD_NORM),
+        schedule=ScheduleSettings(lr_scheduler="constant", warmup_ratio=0.0,
+                                  max_steps=args.steps),
+        lengths=LengthSettings(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH),
+        batch_size=args.batch_size, gradient_accumulation_steps=1, precision=args.precision,
+        device=device, seed=args.seed,
+        checkpoints=CheckpointSettings(every_steps=0, resume=False), eval=EvalConfig(held_out=0))
     ends: list[float] = []
 
     def on_step(step: int, metrics: dict) -> None:

@@ -190,7 +190,10 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
         _fail(key or "config", f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "MOVED_KEYS", {})  # a layout's renamed keys, named in the error
     for name in data:
+        if name in moved and name not in fields:
+            _fail(f"{prefix}{name}", f"moved: write it as {prefix}{moved[name]}")
         if name not in fields:
             _fail(f"{prefix}{name}", f"unknown key (known: {', '.join(fields)})")
     kwargs = {}

@@ -8,7 +8,8 @@ The stages are plain functions in `training/run.py`; this module only wires them
 With `train.processes` above 1 the run goes to torchrun (`training/launch.py`), one process
 per GPU, as one task. No task is cached (nor are its inputs hashed, which for a large version
 would cost time): a rerun of the same version continues from the run folder's newest
-checkpoint (`train.resume`), so a crashed or cancelled run loses at most `save_steps` steps.
+checkpoint (`train.checkpoints.resume`), so a crashed or cancelled run loses at most
+`checkpoints.every_steps` steps.
 On success the flow creates a metrics artifact and emits `cpo_data.training.completed`.
 """
 

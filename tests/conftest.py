@@ -27,6 +27,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def nest_train_settings(flat: dict) -> dict:
+    """Training settings written flat (`max_steps=3, learning_rate=1e-2`, as the tests find
+    them shortest), with the keys that live in a sub-section moved into it, under their names
+    there (`TrainConfig.MOVED_KEYS`: `schedule.max_steps`, `checkpoints.every_steps`)."""
+    from training.config import TrainConfig
+
+    nested: dict = {}
+    for key, value in flat.items():
+        if key in TrainConfig.MOVED_KEYS:
+            section, name = TrainConfig.MOVED_KEYS[key].split(".")
+            nested.setdefault(section, {})[name] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+def train_config(**flat):
+    """`TrainConfig` from flat settings (see `nest_train_settings`)."""
+    import typing
+
+    from training.config import TrainConfig
+
+    types = typing.get_type_hints(TrainConfig)
+    sections = {moved.split(".")[0] for moved in TrainConfig.MOVED_KEYS.values()}
+    settings = nest_train_settings(flat)
+    for key in sections & settings.keys():
+        settings[key] = types[key](**settings[key])
+    return TrainConfig(**settings)
+
+
 def processes_with_env(entry: str) -> list[str]:
     """Process ids whose environment holds `entry` (e.g. `PREFECT_HOME=/tmp/x`)."""
     found = []

@@ -46,7 +46,8 @@ def write_config(folder: Path, model: str, rows: int = 16, **sections) -> Path:
         "publish": {"uri": "store", "name": "served"},
         "work_dir": "work",
         "shard_size": 8,
-        "train": {"model": model, "output_dir": "runs", "max_steps": 2, "batch_size": 2,
+        "train": {"model": model, "output_dir": "runs", "schedule": {"max_steps": 2},
+                  "batch_size": 2,
                   "eval": {"held_out": 0}},
     }
     config.update(sections)

@@ -13,7 +13,7 @@ from cpo_data import store
 from cpo_data.config import ScorerConfig, SourcesConfig
 from cpo_data.schema import SchemaError
 from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet, sample_triplets
-from tests.conftest import write_jsonl
+from tests.conftest import train_config, write_jsonl
 from training.config import EvalConfig, TrainConfig
 from training.loop import TrainingError
 from training.run import RUN_MANIFEST, load_dataset
@@ -87,8 +87,8 @@ def test_a_pair_with_an_empty_completion_is_left_out_and_recorded(tmp_path, mode
     uri = str(tmp_path / "store")
     store.publish_triplets(pa.Table.from_pylist(rows, schema=table.schema), uri, "mt",
                            provenance={"source_fingerprint": "f1" * 32})
-    config = TrainConfig(model=model_dir, dataset=store.dataset_uri(uri, "mt"),
-                         output_dir=str(tmp_path / "runs"), max_steps=1, batch_size=2)
+    config = train_config(model=model_dir, dataset=store.dataset_uri(uri, "mt"),
+                          output_dir=str(tmp_path / "runs"), max_steps=1, batch_size=2)
     record = run_training(config, progress=False)
     assert record["left_out"] == {"empty_completion": 1}
     note, = (n for n in record["notes"] if "left out" in n)
@@ -113,7 +113,7 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
                                     "mt", provenance={"source_fingerprint": "f2" * 32})
     test_set = write_jsonl(tmp_path / "test.jsonl", rows)
     kiwi = str(build_tiny_comet(tmp_path / "kiwi"))
-    config = TrainConfig(
+    config = train_config(
         model=model_dir, dataset=dataset, output_dir=str(tmp_path / "runs"), max_steps=3,
         batch_size=2, eval=EvalConfig(
             held_out=2, test_set=SourcesConfig(path=str(test_set), src_lang_column="src_lang",
@@ -127,7 +127,7 @@ def test_flow_trains_evaluates_and_records_the_version(tmp_path, model_dir, rows
     run_dir = tmp_path / "runs" / second
     assert json.loads((run_dir / RUN_MANIFEST).read_text()) == record
     assert record["model_dir"] == str(run_dir / "final")
-    assert record["config"]["max_steps"] == 3 and record["config"]["dataset"] == dataset
+    assert record["config"]["schedule"]["max_steps"] == 3 and record["config"]["dataset"] == dataset
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
     assert set(record["translation"]) == {"trained", "base"}

@@ -6,7 +6,16 @@ import pytest
 import yaml
 
 from cpo_data.config import ConfigError, load_config
-from training.config import load_train_config
+from training.config import (
+    CheckpointSettings,
+    EvalConfig,
+    LengthSettings,
+    OptimizerSettings,
+    ScheduleSettings,
+    TrainConfig,
+    load_train_config,
+    resume_settings,
+)
 
 BUILD = {
     "sources": [{"path": "data/sources.jsonl", "src_lang": "de", "tgt_lang": "en",
@@ -32,9 +41,10 @@ def test_train_section_defaults_to_the_published_dataset(tmp_path):
     assert config.lora.adapter == str(tmp_path / "adapters" / "a")
     assert config.output_dir == str(tmp_path / ".cpo-data" / "runs")
     # the ALMA-R defaults
-    assert (config.loss, config.beta, config.cpo_alpha, config.lr_scheduler) == (
+    assert (config.loss, config.beta, config.cpo_alpha, config.schedule.lr_scheduler) == (
         "cpo", 0.1, 1.0, "inverse_sqrt")
-    assert (config.max_length, config.max_prompt_length, config.lora.rank) == (512, 256, 16)
+    assert (config.lengths.max_length, config.lengths.max_prompt_length,
+            config.lora.rank) == (512, 256, 16)
     # the build reads the same file and leaves the train section to training
     assert load_config(path).publish.name == "mt"
 
@@ -54,14 +64,21 @@ def test_hub_ids_and_explicit_datasets_are_kept(tmp_path):
      r"adapter switched off"),
     ({"model": "m", "loss_type": "ipo", "label_smoothing": 0.1},
      r"train\.label_smoothing: applies to loss_type sigmoid only"),
-    ({"model": "m", "max_prompt_length": 512},
-     r"train\.max_prompt_length: must be below max_length \(512\)"),
-    ({"model": "m", "lr_scheduler": "exponential"},
-     r"train\.lr_scheduler: 'exponential' is not one of linear, cosine, inverse_sqrt"),
+    ({"model": "m", "lengths": {"max_prompt_length": 512}},
+     r"train\.lengths\.max_prompt_length: must be below max_length \(512\)"),
+    ({"model": "m", "schedule": {"lr_scheduler": "exponential"}},
+     r"train\.schedule\.lr_scheduler: 'exponential' is not one of linear, cosine, inverse_sqrt"),
     ({"model": "m", "lora": {"rank": 0}}, r"train\.lora\.rank: must be at least 1"),
     ({"model": "m", "eval": {"comet": {"name": "kiwi", "model": "x"}}},
      r"train\.eval\.comet: scores test translations: give a test_set too"),
-    ({"model": "m", "learning_rate": 0}, r"train\.learning_rate: must be a positive number"),
+    ({"model": "m", "optimizer": {"learning_rate": 0}},
+     r"train\.optimizer\.learning_rate: must be a positive number"),
+    ({"model": "m", "checkpoints": {"keep": 0}}, r"train\.checkpoints\.keep: must be at least 1"),
+    # The flat keys of the layout before the sub-sections name where they live now.
+    ({"model": "m", "learning_rate": 1e-4},
+     r"train\.learning_rate: moved: write it as train\.optimizer\.learning_rate"),
+    ({"model": "m", "save_steps": 50},
+     r"train\.save_steps: moved: write it as train\.checkpoints\.every_steps"),
     ({"model": "m", "batch_sise": 4}, r"train\.batch_sise: unknown key"),
     ({"loss": "cpo"}, r"train\.model: required key is missing"),
 ])
@@ -86,8 +103,38 @@ def test_the_alma_r_config_states_the_papers_training_recipe():
 
     config = load_train_config(REPO_ROOT / "configs" / "alma-r.yaml")
     assert config.dataset.endswith("/.cpo-data/store/alma-r")
-    assert (config.loss, config.beta, config.epochs, config.warmup_ratio) == ("cpo", 0.1, 1, 0.01)
-    assert (config.learning_rate, config.lr_scheduler) == (1e-4, "inverse_sqrt")
+    schedule, lengths = config.schedule, config.lengths
+    assert (config.loss, config.beta, schedule.epochs, schedule.warmup_ratio) == (
+        "cpo", 0.1, 1, 0.01)
+    assert (config.optimizer.learning_rate, schedule.lr_scheduler) == (1e-4, "inverse_sqrt")
     assert config.batch_size * config.gradient_accumulation_steps == 128
-    assert (config.max_length, config.max_prompt_length) == (512, 256)
+    assert (lengths.max_length, lengths.max_prompt_length) == (512, 256)
     assert config.lora.adapter == "haoranxu/ALMA-13B-LoRA"
+
+
+def test_a_resume_compares_every_setting_that_shapes_the_steps():
+    """Read from field metadata: only fields marked RESUME_FREE may change on a resume, and
+    a change anywhere else (sub-sections too) is named by its dotted key."""
+    from dataclasses import replace
+
+    base = TrainConfig(model="m")
+    settings = resume_settings(base)
+    where_and_when = replace(
+        base, output_dir="elsewhere", dataset="other/mt", version="v2", device="cpu",
+        processes=2, checkpoints=CheckpointSettings(every_steps=5, keep=1, resume=False),
+        eval=EvalConfig(every_steps=3, batch_size=1, test_rows=1, max_new_tokens=1))
+    assert resume_settings(where_and_when) == settings
+    shaping = [
+        (replace(base, optimizer=OptimizerSettings(weight_decay=0.01)), "optimizer.weight_decay"),
+        (replace(base, schedule=ScheduleSettings(warmup_ratio=0.1)), "schedule.warmup_ratio"),
+        (replace(base, lengths=LengthSettings(max_prompt_length=128)),
+         "lengths.max_prompt_length"),
+        (replace(base, eval=EvalConfig(held_out=5)), "eval.held_out"),  # which triplets train
+        (replace(base, batch_size=2), "batch_size"),
+        (replace(base, beta=0.5), "beta"),
+        (replace(base, seed=1), "seed"),
+    ]
+    for changed, key in shaping:
+        after = resume_settings(changed)
+        assert after.keys() == settings.keys()
+        assert {k for k in settings if after[k] != settings[k]} == {key}

@@ -59,6 +59,7 @@ def published(tmp_path_factory) -> Path:
 
 def write_config(root: Path, name: str, **changes) -> Path:
     from cpo_data.store import dataset_uri
+    from tests.conftest import nest_train_settings
 
     train = dict(model=str(root / "model"), dataset=dataset_uri(str(root / "store"), "mt"),
                  output_dir=str(root / name), device="cpu", finetune="full", loss="cpo",
@@ -67,7 +68,7 @@ def write_config(root: Path, name: str, **changes) -> Path:
                  precision="fp64", eval={"held_out": 3, "every_steps": 2, "batch_size": 2})
     train.update(changes)
     path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"train": train}))
+    path.write_text(yaml.safe_dump({"train": nest_train_settings(train)}))
     return path
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpo_data.testing import build_tiny_causal_lm, sample_triplets
+from tests.conftest import train_config
 from training import loop
 from training.checkpoint import checkpoints, read_state
 from training.config import EvalConfig, LoraSettings, TrainConfig
@@ -53,7 +54,7 @@ def make_config(model_dir: str, **changes) -> TrainConfig:
                     lr_scheduler="constant", warmup_ratio=0.0, seed=0,
                     lora=LoraSettings(rank=4, alpha=8, dropout=0.0))
     settings.update(changes)
-    return TrainConfig(**settings)
+    return train_config(**settings)
 
 
 def capture_models(monkeypatch) -> list:
@@ -170,7 +171,7 @@ def test_a_resumed_run_continues_exactly(model_dir, triplets, tmp_path):
 def test_resume_refuses_a_checkpoint_made_with_other_settings(model_dir, triplets, tmp_path):
     train(make_config(model_dir, max_steps=2), triplets, tmp_path / "run", progress=False)
     with pytest.raises(TrainingError, match=r"checkpoint-2: was trained with other settings "
-                       r"\(learning_rate\)"):
+                       r"\(optimizer\.learning_rate\)"):
         train(make_config(model_dir, max_steps=2, learning_rate=5e-3), triplets,
               tmp_path / "run", progress=False)
     # resume: false starts over instead

@@ -25,7 +25,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpo_data.testing import build_tiny_causal_lm
-from training.config import TrainConfig
+from training.config import LengthSettings, TrainConfig
 from training.data import IGNORE, collate, tokenize_triplets
 from training.forward import (
     accepts_logits_to_keep,
@@ -108,8 +108,8 @@ def tiny(tmp_path_factory):
 
 
 def _config(path: str, case: str) -> TrainConfig:
-    return TrainConfig(model=path, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
-                       **CASES[case])
+    lengths = LengthSettings(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+    return TrainConfig(model=path, lengths=lengths, **CASES[case])
 
 
 def _ours(config: TrainConfig, tokenizer, model, trim_logits: bool):

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from cpo_data.config import ALMA_PROMPT, ScorerConfig, SourcesConfig
 from cpo_data.fields import (
@@ -36,6 +37,10 @@ LOSSES = ("cpo", "orpo", "dpo")
 FINETUNE = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("auto", "bf16", "fp32", "fp64")
+
+# Field metadata: the field does not change what a training step computes (where files go,
+# when to save, what to evaluate), so resuming a run with another value is allowed.
+RESUME_FREE = {"resume_free": True}
 
 
 @dataclass(frozen=True)
@@ -63,26 +68,27 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What is measured besides the training loss."""
+    """What is measured besides the training loss. Only `held_out` changes the steps (it
+    decides which triplets train); the rest may change on resume."""
 
     held_out: int = 0
     """Triplets kept out of training (seeded pick) for preference accuracy and loss; 0: none."""
-    every_steps: int = 0
+    every_steps: int = field(default=0, metadata=RESUME_FREE)
     """Evaluate the held-out triplets every N optimizer steps as well as at the end; 0: end."""
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=RESUME_FREE)
     """Pairs per evaluation batch."""
-    test_set: SourcesConfig | None = None
+    test_set: SourcesConfig | None = field(default=None, metadata=RESUME_FREE)
     """Sources with references: after training, the trained model translates them and BLEU and
     chrF (sacrebleu) are reported."""
-    test_rows: int = 200
+    test_rows: int = field(default=200, metadata=RESUME_FREE)
     """Test-set rows used at most (the first ones)."""
-    prompt_template: str = ALMA_PROMPT
+    prompt_template: str = field(default=ALMA_PROMPT, metadata=RESUME_FREE)
     """Prompt for translating the test set; match the triplets' prompt."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = field(default=256, metadata=RESUME_FREE)
     """Longest test translation, in tokens."""
-    comet: ScorerConfig | None = None
+    comet: ScorerConfig | None = field(default=None, metadata=RESUME_FREE)
     """Optional COMET scorer (as in the score stage) for the test translations."""
-    compare_base: bool = False
+    compare_base: bool = field(default=False, metadata=RESUME_FREE)
     """Also translate the test set with the untrained model, to report the change."""
 
     def __post_init__(self) -> None:
@@ -96,16 +102,101 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and gradient clipping."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate (ALMA-R's script: 1e-4)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global norm to this; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "learning_rate")
+        _check_not_negative(self, "weight_decay", "max_grad_norm")
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """How many optimizer steps, and the learning rate over them."""
+
+    epochs: int = 1
+    """Passes over the training triplets (ALMA-R: 1)."""
+    max_steps: int = 0
+    """Optimizer steps; overrides epochs when above 0."""
+    lr_scheduler: str = "inverse_sqrt"
+    """linear, cosine, inverse_sqrt (ALMA-R) or constant, each after the warm-up."""
+    warmup_ratio: float = 0.01
+    """Share of the optimizer steps spent warming up linearly from 0."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 1, "epochs")
+        _check_at_least(self, 0, "max_steps")
+        _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        if not 0 <= self.warmup_ratio < 1:
+            _fail("warmup_ratio", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LengthSettings:
+    """How long a training example may be, in tokens (the truncation rule: README)."""
+
+    max_length: int = 512
+    """Prompt + completion tokens at most (ALMA-R: 512)."""
+    max_prompt_length: int = 256
+    """Prompt tokens kept when an example is too long (ALMA-R: 256)."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 1, "max_length", "max_prompt_length")
+        if self.max_prompt_length >= self.max_length:
+            _fail("max_prompt_length", f"must be below max_length ({self.max_length})")
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When the run saves its state, and whether a rerun continues from it. None of these
+    change what a step computes, so a resumed run may change them all."""
+
+    every_steps: int = field(default=0, metadata=RESUME_FREE)
+    """Checkpoint every N optimizer steps (and always at the end); 0: only at the end."""
+    keep: int = field(default=2, metadata=RESUME_FREE)
+    """Checkpoints kept (newest); older ones are deleted."""
+    resume: bool = field(default=True, metadata=RESUME_FREE)
+    """Continue from the newest checkpoint in the run folder when there is one."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 0, "every_steps")
+        _check_at_least(self, 1, "keep")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """One training run on a published triplet version."""
+    """One training run on a published triplet version.
+
+    The loss parameters keep the top level and TRL's `CPOConfig` names (beta, cpo_alpha,
+    loss_type, simpo_gamma, label_smoothing), so a TRL or ALMA-R setting maps key for key; the
+    rest is grouped as the build's sections are. Fields marked RESUME_FREE (here and in the
+    sub-sections) do not change what the steps compute: a resumed run may change them, and
+    any other change refuses the resume.
+    """
+
+    # Keys of the flat layout before the sub-sections, and where each lives now.
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        **{k: f"optimizer.{k}" for k in ("learning_rate", "weight_decay", "max_grad_norm")},
+        **{k: f"schedule.{k}" for k in ("epochs", "max_steps", "lr_scheduler", "warmup_ratio")},
+        **{k: f"lengths.{k}" for k in ("max_length", "max_prompt_length")},
+        "save_steps": "checkpoints.every_steps", "save_total_limit": "checkpoints.keep",
+        "resume": "checkpoints.resume",
+    }
 
     model: str = field(metadata=MODEL)
     """Causal LM to train: hub id or local folder (ALMA-R: haoranxu/ALMA-13B-Pretrain)."""
-    output_dir: str = field(default=".cpo-data/runs", metadata=FILE)
+    output_dir: str = field(default=".cpo-data/runs", metadata={**FILE, **RESUME_FREE})
     """Runs go to {output_dir}/{version}/: checkpoints, metrics.jsonl, final model, manifest."""
-    dataset: str | None = field(default=None, metadata=FILE)
+    dataset: str | None = field(default=None, metadata={**FILE, **RESUME_FREE})
     """Dataset URI ({store}/{name}); null: the dataset the YAML's publish section names."""
-    version: str = "latest"
+    version: str = field(default="latest", metadata=RESUME_FREE)
     """Dataset version to train on."""
     loss: str = "cpo"
     """cpo (no reference model), orpo, or dpo (reference = base model, adapter off)."""
@@ -127,48 +218,33 @@ class TrainConfig:
     """lora (only adapter weights train) or full (every weight trains)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """The adapter, for finetune: lora."""
-    learning_rate: float = 1e-4
-    """Peak learning rate (ALMA-R's script: 1e-4)."""
-    lr_scheduler: str = "inverse_sqrt"
-    """linear, cosine, inverse_sqrt (ALMA-R) or constant, each after the warm-up."""
-    warmup_ratio: float = 0.01
-    """Share of the optimizer steps spent warming up linearly from 0."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient's global norm to this; 0 turns clipping off."""
-    epochs: int = 1
-    """Passes over the training triplets (ALMA-R: 1)."""
-    max_steps: int = 0
-    """Optimizer steps; overrides epochs when above 0."""
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    """AdamW's learning rate and weight decay, and gradient clipping."""
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    """How many steps, and the learning rate over them."""
+    lengths: LengthSettings = field(default_factory=LengthSettings)
+    """Longest example and longest kept prompt, in tokens."""
     batch_size: int = 4
     """Pairs per forward pass (each pair is two sequences), in each process."""
     gradient_accumulation_steps: int = 1
     """Forward passes per optimizer step: the step's batch is batch_size x this (x the
     number of processes, when torchrun or accelerate launch starts several)."""
-    max_length: int = 512
-    """Prompt + completion tokens at most (ALMA-R: 512)."""
-    max_prompt_length: int = 256
-    """Prompt tokens kept when an example is too long (ALMA-R: 256)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more time."""
     precision: str = "auto"
     """auto (bf16 autocast on GPUs that support it, else fp32), bf16, fp32, or fp64 (float64
     weights and arithmetic: for checking that two ways of computing a step agree; slow)."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=RESUME_FREE)
     """auto (cuda when available), cpu, cuda, cuda:N."""
-    processes: int = 1
+    processes: int = field(default=1, metadata=RESUME_FREE)
     """Data-parallel processes (one per GPU) that the training flow and `cpo-data train` start
     through torchrun; 1 trains in the flow's own process. Under a launcher you start yourself
-    (`torchrun ... -m training`), the launcher's count applies instead."""
+    (`torchrun ... -m training`), the launcher's count applies instead. Free on resume: the
+    count that shapes a step is the world size, which the checkpoint records itself."""
     seed: int = 42
     """Seeds the adapter's initial weights, the data order and dropout."""
-    save_steps: int = 0
-    """Checkpoint every N optimizer steps (and always at the end); 0: only at the end."""
-    save_total_limit: int = 2
-    """Checkpoints kept (newest); older ones are deleted."""
-    resume: bool = True
-    """Continue from the newest checkpoint in the run folder when there is one."""
+    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings)
+    """When state is saved, how many checkpoints are kept, whether a rerun resumes."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out preference accuracy and test-set translation quality."""
 
@@ -184,28 +260,44 @@ class TrainConfig:
         if self.loss == "dpo" and self.finetune != "lora":
             _fail("finetune", "dpo needs lora: its reference model is the base model with the "
                   "adapter switched off")
-        _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_device("device", self.device)
-        for key in ("beta", "learning_rate", "orpo_lambda"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):
-                _fail(key, f"must be a positive number, got {value}")
-        for key in ("cpo_alpha", "weight_decay", "max_grad_norm", "simpo_gamma"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
-                _fail(key, f"must be a number >= 0, got {value}")
+        _check_positive(self, "beta", "orpo_lambda")
+        _check_not_negative(self, "cpo_alpha", "simpo_gamma")
         if not 0 <= self.label_smoothing < 0.5:
             _fail("label_smoothing", "must be in [0, 0.5)")
         if self.label_smoothing and self.loss_type != "sigmoid":
             _fail("label_smoothing", "applies to loss_type sigmoid only")
-        if not 0 <= self.warmup_ratio < 1:
-            _fail("warmup_ratio", "must be in [0, 1)")
-        _check_at_least(self, 1, "epochs", "batch_size", "gradient_accumulation_steps",
-                        "processes", "max_length", "max_prompt_length", "save_total_limit")
-        _check_at_least(self, 0, "max_steps", "save_steps")
-        if self.max_prompt_length >= self.max_length:
-            _fail("max_prompt_length", f"must be below max_length ({self.max_length})")
+        _check_at_least(self, 1, "batch_size", "gradient_accumulation_steps", "processes")
+
+
+def _check_positive(config, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not (math.isfinite(value) and value > 0):
+            _fail(key, f"must be a positive number, got {value}")
+
+
+def _check_not_negative(config, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not (math.isfinite(value) and value >= 0):
+            _fail(key, f"must be a number >= 0, got {value}")
+
+
+def resume_settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every setting that shapes the steps, by dotted key (`optimizer.learning_rate`): the
+    fields not marked RESUME_FREE, through the sub-sections."""
+    settings: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.metadata.get("resume_free"):
+            continue
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            settings.update(resume_settings(value, f"{prefix}{f.name}."))
+        else:
+            settings[f"{prefix}{f.name}"] = value
+    return settings
 
 
 def train_section(project: ProjectFile) -> TrainConfig:

@@ -4,8 +4,9 @@
 `rejected`) and leaves in `run_dir`:
 
 - `checkpoint-{step}/`: weights (adapter or full), tokenizer, optimizer, scheduler and RNG
-  state, every `save_steps` and at the end; a rerun with `resume` continues from the newest
-  exactly as if it had not stopped (same data order, same dropout, same schedule);
+  state, every `checkpoints.every_steps` and at the end; a rerun with `checkpoints.resume`
+  continues from the newest exactly as if it had not stopped (same data order, same dropout,
+  same schedule);
 - `final/`: the trained adapter (or weights) and tokenizer, ready for `from_pretrained`;
 - `metrics.jsonl`: one line per optimizer step (and per evaluation) under the names TRL
   users know: `loss`, `nll_loss`, `rewards/*`, `logps/*`, plus `learning_rate`, `grad_norm`,
@@ -19,7 +20,6 @@ rank 0 alone writes the files above and shows progress.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -35,7 +35,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training import distributed
-from training.config import TrainConfig
+from training.config import TrainConfig, resume_settings
 from training.data import TokenizeReport, collate, tokenize_triplets
 from training.errors import TrainingDiverged, TrainingError
 from training.forward import (
@@ -58,13 +58,6 @@ log = logging.getLogger("cpo_data.training")
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
-# Fields that do not change what the steps compute; a resume may change them.
-# `processes` is the launch request; the count that shapes the steps is the world size, which
-# `_resume_settings` records itself.
-_RESUME_FREE = ("resume", "save_steps", "save_total_limit", "eval", "output_dir", "device",
-                "dataset", "version", "processes")
-
-
 @dataclass
 class TrainResult:
     run_dir: str
@@ -142,7 +135,7 @@ def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
     found = ckpt.checkpoints(run_dir)
     if not found:
         return None
-    if not config.resume:
+    if not config.checkpoints.resume:
         if distributed.is_main():  # the others never read the run folder when starting over
             log.warning("%s: resume is off: starting over, deleting %d checkpoint(s)", run_dir,
                         len(found))
@@ -156,16 +149,13 @@ def _resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
     if changed:
         raise TrainingError(
             f"{found[-1]}: was trained with other settings ({', '.join(changed)}); resume it "
-            "with the same settings, set train.resume: false to start over, or pick another "
-            "output_dir")
+            "with the same settings, set train.checkpoints.resume: false to start over, or pick "
+            "another output_dir")
     return found[-1]
 
 
 def _resume_settings(config: TrainConfig, processes: int) -> dict[str, Any]:
-    settings = dataclasses.asdict(config)
-    for key in _RESUME_FREE:
-        settings.pop(key)
-    settings["eval.held_out"] = config.eval.held_out  # decides which triplets train
+    settings = resume_settings(config)  # the fields not marked RESUME_FREE
     if processes > 1:  # a step's pairs are batch_size x accumulation x processes
         settings["processes"] = processes
     return json.loads(json.dumps(settings))  # tuples as lists, as the saved JSON has them
@@ -244,13 +234,14 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
 
     tokenizer, pad_note = load_tokenizer(config)
     train_rows, held_rows = split_held_out(rows, config.eval.held_out, config.seed)
-    examples, report = tokenize_triplets(tokenizer, train_rows, config.max_length,
-                                         config.max_prompt_length)
-    held_examples, held_report = tokenize_triplets(tokenizer, held_rows, config.max_length,
-                                                   config.max_prompt_length)
+    examples, report = tokenize_triplets(tokenizer, train_rows, config.lengths.max_length,
+                                         config.lengths.max_prompt_length)
+    held_examples, held_report = tokenize_triplets(tokenizer, held_rows,
+                                                   config.lengths.max_length,
+                                                   config.lengths.max_prompt_length)
     if report.truncated:
         log.warning("%d of %d training triplets were longer than max_length %d and were cut "
-                    "(e.g. %s)", report.truncated, report.examples, config.max_length,
+                    "(e.g. %s)", report.truncated, report.examples, config.lengths.max_length,
                     ", ".join(report.truncated_ids[:5]))
     notes = [pad_note] if pad_note else []
     left_out = _left_out(report, held_report, notes)
@@ -264,17 +255,19 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     distributed.broadcast_parameters(trainable)
     if world > 1:  # each process its own dropout draws, as one process's would differ by pair
         set_seed(config.seed + rank)
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW(trainable, lr=config.optimizer.learning_rate,
+                                  weight_decay=config.optimizer.weight_decay,
                                   fused=device.type == "cuda")
     plan, steps_per_epoch = step_plan(len(examples), config.batch_size,
-                                      config.gradient_accumulation_steps, config.epochs,
-                                      config.max_steps, config.seed, world)
+                                      config.gradient_accumulation_steps,
+                                      config.schedule.epochs, config.schedule.max_steps,
+                                      config.seed, world)
     total_steps = len(plan)
     # transformers' "constant" ignores the warm-up; ours warms up like the others.
-    schedule = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
-    scheduler = get_scheduler(schedule, optimizer,
-                              num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+    schedule = config.schedule
+    kind = "constant_with_warmup" if schedule.lr_scheduler == "constant" else schedule.lr_scheduler
+    scheduler = get_scheduler(kind, optimizer,
+                              num_warmup_steps=math.ceil(schedule.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     start = 0
     if resume_from is not None:
@@ -299,7 +292,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         folder = ckpt.checkpoint_dir(run_dir, step)
         if main:
             ckpt.save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler,
-                                 checkpoint_state, config.save_total_limit, rng_states)
+                                 checkpoint_state, config.checkpoints.keep, rng_states)
         distributed.barrier()  # no process goes on while the checkpoint is half written
         return step, folder
 
@@ -334,7 +327,8 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
             if reference is not None:
                 references.append(reference)
         distributed.sum_gradients(trainable)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            trainable, config.optimizer.max_grad_norm or math.inf)
         with torch.no_grad():  # over the whole step's pairs, from every process
             step_logps = distributed.gather_logps(parts, first, pairs, device, dtype)
             step_reference = (distributed.gather_logps(references, first, pairs, device, dtype)
@@ -367,7 +361,8 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                         acc=f"{metrics['rewards/accuracies']:.2f}", lr=f"{learning_rate:.2e}")
         done = step + 1
-        if done == total_steps or (config.save_steps and done % config.save_steps == 0):
+        if done == total_steps or (config.checkpoints.every_steps
+                                    and done % config.checkpoints.every_steps == 0):
             last_saved = save(done)
         if held_examples and config.eval.every_steps and done % config.eval.every_steps == 0 \
                 and done != total_steps:
