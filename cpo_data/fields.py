@@ -1,4 +1,4 @@
-"""What the config dataclasses share: their error, value checks, and path markers.
+"""What the config dataclasses share: their error, value checks, dtype choices, path markers.
 
 A field holding a path says so in its metadata (`metadata=FILE` or `metadata=MODEL`), and
 `cpo_data.project.resolve_paths` resolves every marked field, however deeply nested, against
@@ -17,6 +17,10 @@ FILE = {"path": "file"}
 MODEL = {"path": "model"}
 """A hub id or a local folder: only an explicit relative path (./m, ../m) resolves; `org/name`
 is a hub id."""
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+"""Dtypes a generator or a scorer may run in. Here, not beside either config, because both
+check against it and they live in two modules (`cpo_data.config`, `cpo_data.config_score`)."""
 
 
 class ConfigError(UserError):

@@ -1,0 +1,152 @@
+"""Read each source format into rows: JSONL, CSV/TSV, Parquet and saved HF datasets.
+
+Separate from `cpo_data.sources` because reading a file is all these functions do: each format
+becomes the same stream of (row number, dict), and `cpo_data.sources` alone decides what a row
+means (its columns, the ALMA-R layout), so every format shares its checks and error messages.
+Rows are numbered from 1 in file order: for JSONL that is the line number, for CSV/TSV the data
+row after the header. Blank lines (JSONL) and empty rows (CSV/TSV) hold no data: skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cpo_data.config import SourcesConfig
+from cpo_data.errors import UserError
+
+
+class SourceError(UserError):
+    """Bad input, located: the file, the row (1-based) and the field."""
+
+    def __init__(self, file: str, row: int | None, field: str | None, message: str):
+        self.file, self.row, self.field = file, row, field
+        where = [file]
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+def _container(config: SourcesConfig) -> str:
+    path = Path(config.path)
+    fmt = config.format
+    if fmt not in ("auto", "alma_r"):
+        return fmt
+    if path.is_dir():
+        return "hf_dataset"
+    suffix = path.suffix.lower()
+    by_suffix = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+    by_suffix[".parquet"] = "parquet"
+    if suffix not in by_suffix:
+        raise SourceError(
+            config.path, None, "format",
+            f"cannot tell the format from {suffix!r}; set format to one of "
+            "jsonl, csv, tsv, parquet, hf_dataset",
+        )
+    return by_suffix[suffix]
+
+
+def _decode(path: str) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SourceError(
+            path, line, None,
+            f"not UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); "
+            "re-encode the file as UTF-8",
+        ) from None
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SourceError(path, number, None, f"malformed JSON: {error.msg}") from None
+        if not isinstance(row, dict):
+            raise SourceError(path, number, None, f"expected a JSON object, got {row!r:.40}")
+        yield number, row
+
+
+def _delimited_rows(path: str, delimiter: str) -> Iterator[tuple[int, dict]]:
+    # TSV bitext rarely quotes and often contains quote characters inside the text.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter,
+                        quoting=quoting)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    for number, values in enumerate(reader, start=1):
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise SourceError(
+                path, number, None,
+                f"has {len(values)} fields, the header has {len(header)}",
+            )
+        yield number, dict(zip(header, values, strict=True))
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[int, dict]]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise SourceError(path, None, None, f"not a readable Parquet file: {error}") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=4096, use_threads=False):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _hf_rows(path: str, split: str | None) -> Iterator[tuple[int, dict]]:
+    import datasets  # heavy; only this format needs it
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as error:
+        raise SourceError(path, None, None, f"not a saved Hugging Face dataset: {error}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None and len(loaded) == 1:
+            split = next(iter(loaded))
+        if split not in loaded:
+            raise SourceError(
+                path, None, "split",
+                f"choose a split with `split:` (this dataset has {', '.join(loaded)})",
+            )
+        loaded = loaded[split]
+    number = 0
+    for batch in loaded.iter(batch_size=4096):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            number += 1
+            yield number, dict(zip(columns, values, strict=True))
+
+
+def read_rows(config: SourcesConfig) -> Iterator[tuple[int, dict]]:
+    """The file's rows as (row number, dict), read as `format` says or, for auto and alma_r, as
+    its suffix does (a folder is a saved HF dataset)."""
+    path = config.path
+    if not Path(path).exists():
+        raise SourceError(path, None, None, "no such file or folder")
+    container = _container(config)
+    if container == "jsonl":
+        return _jsonl_rows(path)
+    if container in ("csv", "tsv"):
+        return _delimited_rows(path, "," if container == "csv" else "\t")
+    if container == "parquet":
+        return _parquet_rows(path)
+    return _hf_rows(path, config.split)
