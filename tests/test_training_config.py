@@ -125,7 +125,10 @@ def test_a_resume_compares_every_setting_that_shapes_the_steps():
         eval=EvalConfig(every_steps=3, batch_size=1, test_rows=1, max_new_tokens=1))
     assert resume_settings(where_and_when) == settings
     shaping = [
+        (replace(base, optimizer=OptimizerSettings(learning_rate=2e-4)),
+         "optimizer.learning_rate"),
         (replace(base, optimizer=OptimizerSettings(weight_decay=0.01)), "optimizer.weight_decay"),
+        (replace(base, schedule=ScheduleSettings(max_steps=9)), "schedule.max_steps"),
         (replace(base, schedule=ScheduleSettings(warmup_ratio=0.1)), "schedule.warmup_ratio"),
         (replace(base, lengths=LengthSettings(max_prompt_length=128)),
          "lengths.max_prompt_length"),
