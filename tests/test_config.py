@@ -140,7 +140,7 @@ def test_shipped_configs_state_their_recipes():
     alma = load_config(REPO_ROOT / "configs" / "alma-r.yaml")
     assert alma.rank_by == "kiwi_xcomet" and alma.generate.include_reference
     assert alma.generate.provided_systems == ("gpt4",)
-    assert [m.adapter for m in alma.generate.models] == ["haoranxu/ALMA-13B-LoRA"]
+    assert [m.adapter for m in alma.generate.models] == ["haoranxu/ALMA-13B-Pretrain-LoRA"]
     assert [s.model for s in alma.score.scorers] == ["Unbabel/wmt23-cometkiwi-da-xxl",
                                                      "Unbabel/XCOMET-XXL"]
     assert not any(s.use_reference for s in alma.score.scorers)

@@ -107,9 +107,10 @@ def test_the_alma_r_config_states_the_papers_training_recipe():
     assert (config.loss, config.beta, schedule.epochs, schedule.warmup_ratio) == (
         "cpo", 0.1, 1, 0.01)
     assert (config.optimizer.learning_rate, schedule.lr_scheduler) == (1e-4, "inverse_sqrt")
+    assert config.optimizer.weight_decay == 0.01  # ALMA's runs/cpo_ft.sh
     assert config.batch_size * config.gradient_accumulation_steps == 128
     assert (lengths.max_length, lengths.max_prompt_length) == (512, 256)
-    assert config.lora.adapter == "haoranxu/ALMA-13B-LoRA"
+    assert config.lora.adapter == "haoranxu/ALMA-13B-Pretrain-LoRA"
 
 
 def test_a_resume_compares_every_setting_that_shapes_the_steps():
