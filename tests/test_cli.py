@@ -104,7 +104,9 @@ def test_flow_commands_give_a_new_prefect_database_time_to_migrate(
     monkeypatch.setattr(build, "build_triplets", report_the_wait)
     config = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
     updates = {getattr(ps, key): value for key, value in user_setting.items()}
-    with ps.temporary_settings(updates=updates):
+    # No server of the module's flow tests either (their fixture sets PREFECT_API_URL).
+    unset = set() if "PREFECT_API_URL" in user_setting else {ps.PREFECT_API_URL}
+    with ps.temporary_settings(updates=updates, restore_defaults=unset):
         assert main(["build", config]) == 2
     prefects = type(ps.get_current_settings().server.ephemeral).model_fields[
         "startup_timeout_seconds"].default
