@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cpo_data import __version__, schema, select, sources, store
 from cpo_data.config import BuildConfig, ConfigError
@@ -288,12 +289,23 @@ def _compare_with_previous(summary: BuildSummary, run: BuildRun) -> None:
     summary.sources_reused = len(ids & before)
 
 
+def _scores_for_selection(config: BuildConfig, carried: pa.Table,
+                          computed: list[pa.Table]) -> pa.Table | None:
+    """The stages' scores, and the scores the sources carry (ALMA-R layout) under every name
+    no scorer or ensemble of this build produces: a computed score replaces a carried one."""
+    names = config.score.names
+    if names and carried.num_rows:
+        carried = carried.filter(pc.invert(pc.is_in(carried["scorer"], pa.array(names))))
+    tables = [t for t in (carried, *computed) if t.num_rows]
+    return pa.concat_tables(tables) if tables else None
+
+
 def select_and_publish(run: BuildRun) -> BuildSummary:
     """Pick pairs over every shard's candidates and scores, publish one version, fill the
     summary. Called only once every shard finished, so nothing half-built is published."""
     config, summary = run.config, run.summary
     candidates = pa.concat_tables(run.candidates) if run.candidates else None
-    scores = pa.concat_tables(run.scores) if run.scores else None
+    scores = _scores_for_selection(config, run.loaded.scores, run.scores)
     selection = select.select_triplets(run.loaded.table, candidates, scores, config.selection)
     dropped = pa.concat_tables([*run.dropped, selection.dropped])
     provenance = {

@@ -39,6 +39,8 @@ ALMA_PROMPT = "Translate this from {Src} to {Tgt}:\n{Src}: {src}\n{Tgt}:"
 """ALMA's prompt; {Src}/{Tgt} are English language names, the target follows the colon."""
 
 SOURCE_FORMATS = ("auto", "jsonl", "csv", "tsv", "parquet", "hf_dataset", "alma_r")
+ALMA_R_SCORES = ("kiwi", "xcomet", "kiwi_xcomet")
+"""The scores an ALMA-R layout row carries per output: KIWI-XXL, XCOMET-XXL and their mean."""
 
 
 @dataclass(frozen=True)
@@ -308,18 +310,25 @@ class BuildConfig:
             # Finished shards and caches are written by the workers and read by the flow.
             _fail("work_dir", "memory:// lives in one process; Dask workers need storage they "
                   "all reach (a shared folder, or an fsspec URI such as s3://bucket/work)")
-        scorers = [s.name for s in self.score.scorers]
-        ensembles = [e.name for e in self.score.ensembles]
-        if self.select.rank_by is not None and self.select.rank_by not in scorers + ensembles:
-            _fail("select.rank_by", f"{self.select.rank_by!r} is not a scorer or ensemble "
-                  f"({scorers + ensembles})")
-        if self.select.exclude_systems and not self.score.scorers:
-            _fail("select.exclude_systems", "only applies when candidates are scored")
+        computed = self.score.names
+        known = computed + [n for n in self.carried_scores if n not in computed]
+        if self.select.rank_by is not None and self.select.rank_by not in known:
+            _fail("select.rank_by", f"{self.select.rank_by!r} is not a scorer or ensemble, "
+                  f"nor a score the sources carry ({known})")
+        if self.select.exclude_systems and self.rank_by is None:
+            _fail("select.exclude_systems", "only applies when candidates are ranked by a score")
         if self.score.scorers and self.rank_by is None:
             _fail("select.rank_by", "several scores exist: name the one that ranks candidates")
         if self.select.reference_name not in (None, self.generate.reference_name):
             _fail("select.reference_name", "the reference's name is set in one place, "
                   "generate.reference_name")
+
+    @property
+    def carried_scores(self) -> tuple[str, ...]:
+        """Scores the sources bring themselves (the ALMA-R layout's `kiwi`, `xcomet`,
+        `kiwi_xcomet`): `select.rank_by` may name one with no scorer configured. A scorer or
+        ensemble of the same name replaces the carried score."""
+        return ALMA_R_SCORES if any(s.format == "alma_r" for s in self.sources) else ()
 
     @property
     def selection(self) -> SelectConfig:

@@ -103,8 +103,13 @@ class ScoreConfig:
     cache_dir: str | None = field(default=None, metadata=FILE)
     """Score cache (local path or fsspec URI); null turns caching off."""
 
+    @property
+    def names(self) -> list[str]:
+        """Every score this stage produces: its scorers', then its ensembles'."""
+        return [s.name for s in self.scorers] + [e.name for e in self.ensembles]
+
     def __post_init__(self) -> None:
-        names = [s.name for s in self.scorers] + [e.name for e in self.ensembles]
+        names = self.names
         if len(set(names)) != len(names):
             _fail("scorers", f"scorer and ensemble names must be distinct, got {names}")
         known = {s.name for s in self.scorers}

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from cpo_data import schema
-from cpo_data.config import SourcesConfig
+from cpo_data.config import ALMA_R_SCORES, SourcesConfig
 from cpo_data.drops import Drops
 from cpo_data.langs import UnknownLanguageError, get_language, lang_pair, normalize_code
 from cpo_data.source_formats import SourceError as SourceError  # its documented home is here too
 from cpo_data.source_formats import read_rows
 
 ALMA_R_SYSTEMS = ("gpt4", "alma")
-ALMA_R_SCORERS = ("kiwi", "xcomet", "kiwi_xcomet")
+ALMA_R_SCORERS = ALMA_R_SCORES
 
 EMPTY_SYSTEM_OUTPUT = "empty_system_output"
 CONFLICTING_DUPLICATE = "conflicting_duplicate"
