@@ -1,5 +1,8 @@
 """Candidates per source: provided system outputs plus translations from generator models.
 
+The provided outputs are those of `provided_systems`, and on a row with a human label both
+labelled outputs (so that both sides of a labelled pair are scored).
+
 Identical texts for one source collapse into one row listing every system that produced it; an
 empty output is dropped with the reason `empty_output`. With a cache, a generator runs only for
 sources it has not translated before under the same identity (model weights, adapter, decoding,
@@ -169,10 +172,15 @@ def generate_candidates(
         if config.include_reference and row["ref"]:
             if add(row, config.reference_name, row["ref"], None, None):
                 count_provided(config.reference_name)
+        # A labelled row's two sides are candidates even when `provided_systems` leaves their
+        # systems out, so that both get scored: the published pair then carries both scores
+        # and the label can be checked against them.
+        labelled = {row["human_preferred"], row["human_dispreferred"]} - {None}
         for output in row["systems"]:
-            if output["system"] in wanted and add(row, output["system"], output["text"], None,
-                                                  None):
-                count_provided(output["system"])
+            system = output["system"]
+            if (system in wanted or system in labelled) and add(row, system, output["text"],
+                                                                 None, None):
+                count_provided(system)
 
     requests = [Request(r["source_id"], r["src_lang"], r["tgt_lang"], r["src"]) for r in rows]
     for generator in generators:

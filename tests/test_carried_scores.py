@@ -107,3 +107,14 @@ def _write_jsonl_config(tmp_path):
         "sources": [{"path": "s.jsonl", "src_lang": "de", "tgt_lang": "en"}],
         "publish": {"uri": "store", "name": "x"}, "select": {"rank_by": "kiwi_xcomet"}}))
     return path
+
+
+def test_a_labelled_pair_is_scored_on_both_sides_when_one_system_is_not_provided(tmp_path):
+    """The recipe's case: only GPT-4 is a provided candidate, the label compares it with ALMA."""
+    config = _config(tmp_path, generate={"include_reference": True, "provided_systems": ["gpt4"]},
+                     score={"scorers": [{"name": "chrf", "kind": "chrf"}]})
+    labelled, = (t for t in _triplets(config) if t["selected_by"] == "human_label")
+    ref = TEXTS[2][1]
+    assert (labelled["chosen_score"], labelled["rejected_score"]) == pytest.approx(
+        (sacrebleu.sentence_chrf(_text(2, "gpt4"), [ref]).score,
+         sacrebleu.sentence_chrf(_text(2, "alma"), [ref]).score))

@@ -299,6 +299,23 @@ def test_provided_systems_can_be_chosen_and_typos_are_caught():
         generate_candidates(sources, GenerateConfig(provided_systems=("gtp4",)))
 
 
+def test_both_sides_of_a_labelled_row_are_candidates():
+    """ALMA-R's recipe keeps only GPT-4 of the provided systems, yet a labelled row compares
+    GPT-4 with ALMA: the ALMA side becomes a candidate there (to be scored), and only there."""
+    systems = [{"system": "gpt4", "text": "A"}, {"system": "alma", "text": "B"}]
+    sources = _sources(["Eins.", "Zwei."], systems=systems)
+    rows = sources.to_pylist()
+    rows[1].update(human_preferred="alma", human_dispreferred="gpt4", human_delta=-1.0)
+    sources = pa.Table.from_pylist(rows, schema=schema.SOURCES)
+    result = generate_candidates(sources, GenerateConfig(provided_systems=("gpt4",)))
+    by_source = {}
+    for candidate in result.table.to_pylist():
+        by_source.setdefault(candidate["source_id"], []).append(candidate["systems"])
+    assert by_source == {rows[0]["source_id"]: [["gpt4"]],
+                         rows[1]["source_id"]: [["gpt4"], ["alma"]]}
+    assert result.report.provided == {"gpt4": 2, "alma": 1}
+
+
 def test_second_run_is_served_from_the_cache(tmp_path, models):
     sources = _sources(SENTENCES)
     config = GenerateConfig(cache_dir=str(tmp_path / "cache"))
