@@ -156,12 +156,12 @@ def deployments(project: Project | str | Path) -> list:
     return served
 
 
-def serve(path: str | Path) -> None:
+def serve(project: Project | str | Path) -> None:
     """Register the deployments and run their flow runs until interrupted (Ctrl-C pauses the
     build's schedule, as Prefect's `serve` does)."""
     from prefect import serve as prefect_serve
 
     # Every section is checked now, before the server is asked or the first run starts.
-    served = deployments(path)
+    served = deployments(project)
     check_server()
     prefect_serve(*served)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from cpo_data.config import BuildConfig
 from cpo_data.fields import ConfigError
+from cpo_data.preflight import PreflightError, Report, build_needs, check
 from cpo_data.project import ProjectFile, build_section, parse, published_dataset, read_project
 from pipelines.deploy import DeployConfig
-from training.config import TrainConfig, train_section
+from training.config import TrainConfig, train_needs, train_section
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,19 @@ class Project:
         if self.train is None:
             raise ConfigError(f"{self.file.path}: train: the file has no train section")
         return self.train
+
+    def preflight(self, build: bool = True, train: bool = True) -> Report:
+        """Every file and model the build and the training (those asked for, where the file
+        has them) will read, resolved once; see `cpo_data.preflight`."""
+        needs = build_needs(self.build) if build and self.build else []
+        needs += train_needs(self.train) if train and self.train else []
+        return check(needs)
+
+    def require_ready(self, build: bool = True, train: bool = True) -> None:
+        """`preflight`, raising one error that lists every problem."""
+        report = self.preflight(build, train)
+        if not report.ok:
+            raise PreflightError(report, str(self.file.path))
 
 
 def load_project(path: str | Path) -> Project:

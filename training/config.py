@@ -24,6 +24,7 @@ from cpo_data.fields import (
     _check_prompt,
     _fail,
 )
+from cpo_data.preflight import Need
 from cpo_data.project import (
     ProjectFile,
     parse,
@@ -298,6 +299,18 @@ def resume_settings(config: Any, prefix: str = "") -> dict[str, Any]:
         else:
             settings[f"{prefix}{f.name}"] = value
     return settings
+
+
+def train_needs(config: TrainConfig) -> list[Need]:
+    """What a training run reads besides its dataset, for `cpo_data.preflight.check`."""
+    needs = [Need("train.model", "model", config.model)]
+    if config.finetune == "lora" and config.lora.adapter:
+        needs.append(Need("train.lora.adapter", "adapter", config.lora.adapter))
+    if config.eval.test_set is not None:
+        needs.append(Need("train.eval.test_set.path", "file", config.eval.test_set.path))
+    if config.eval.comet is not None and config.eval.comet.model:
+        needs.append(Need("train.eval.comet.model", "comet", config.eval.comet.model))
+    return needs
 
 
 def train_section(project: ProjectFile) -> TrainConfig:
