@@ -78,6 +78,10 @@ class Found:
     license: str | None = None
     size: int | None = None
     """Bytes of the files it lists (a hub repo: all its files; a folder: its files)."""
+    files: dict[str, int] = field(default_factory=dict)
+    """Its files and their sizes, where known."""
+    local: Path | None = None
+    """The folder holding it on this machine (a folder, or the cached snapshot)."""
 
 
 @dataclass
@@ -85,6 +89,11 @@ class Report:
     found: list[Found] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     """One line per problem, each starting with the config key(s)."""
+    memory: list[str] = field(default_factory=list)
+    """The memory plan: what each stage holds on each device (`cpo_data.memory_plan`)."""
+
+    def by_key(self, key: str) -> Found | None:
+        return next((f for f in self.found if key in f.keys), None)
 
     @property
     def ok(self) -> bool:
@@ -125,8 +134,14 @@ def _shard_problems(folder: Path) -> list[str]:
     return []
 
 
+def _folder_files(folder: Path) -> dict[str, int]:
+    """Each file's path in the folder and size (a cache snapshot's links resolved)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*")
+            if p.is_file()}
+
+
 def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return sum(_folder_files(folder).values())
 
 
 def _check_folder(need: Need, found: Found) -> list[str]:
@@ -134,7 +149,8 @@ def _check_folder(need: Need, found: Found) -> list[str]:
     if not folder.is_dir():
         return [f"{need.name} does not exist" if not folder.exists()
                 else f"{need.name} is not a folder"]
-    found.where, found.size = "folder", _folder_size(folder)
+    found.where, found.files, found.local = "folder", _folder_files(folder), folder
+    found.size = sum(found.files.values())
     layout = LAYOUTS[need.kind]
     return (_layout_problems(layout, lambda f: (folder / f).exists())
             or _shard_problems(folder))
@@ -158,7 +174,9 @@ def _check_cache(need: Need, found: Found) -> list[str]:
     if snapshot is None:
         return [f"{need.name} is not in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
                 "fetch it where there is a network (`cpo-data download CONFIG`)"]
-    found.where, found.commit, found.size = "cache", snapshot.name, _folder_size(snapshot)
+    found.where, found.commit, found.local = "cache", snapshot.name, snapshot
+    found.files = _folder_files(snapshot)
+    found.size = sum(found.files.values())
     # A file whose download broke leaves a link to a missing blob: exists() is False.
     layout = LAYOUTS[need.kind]
     problems = _layout_problems(layout, lambda f: (snapshot / f).exists())
@@ -202,7 +220,8 @@ def _check_hub(need: Need, found: Found) -> list[str]:
                 f"{error}) and it is not in the Hugging Face cache"]
     found.where, found.commit, found.license = "hub", info.sha, _licence(info)
     found.gated = str(info.gated) if info.gated else None
-    files = {s.rfilename: s.size for s in info.siblings or []}
+    files = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    found.files = files
     found.size = sum(size or 0 for size in files.values())
     problems = [f"{p} in the repo{revision}"
                 for p in _layout_problems(LAYOUTS[need.kind], files.__contains__)]

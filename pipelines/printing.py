@@ -151,23 +151,20 @@ def print_build_summary(summary: dict, rows: int) -> None:
     print(frame[columns].head().to_string())
 
 
-def _size(size: int | None) -> str:
-    if size is None:
-        return ""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"
-
-
 def print_preflight(report) -> None:  # noqa: ANN001 - a cpo_data.preflight.Report
-    """What each need resolved to, then every problem."""
+    """What each need resolved to, the memory plan, then every problem."""
+    from cpo_data.memory_plan import human_bytes
+
     for found in report.found:
         where = found.where + (f" @{found.commit[:12]}" if found.commit else "")
-        notes = [n for n in (_size(found.size), found.gated and f"gated ({found.gated})",
+        notes = [n for n in (human_bytes(found.size), found.gated and f"gated ({found.gated})",
                              found.license and f"licence {found.license}") if n]
         print(f"  {', '.join(found.keys)}: {found.name}  [{where or 'not found'}]"
               + (f"  {', '.join(notes)}" if notes else ""))
+    if report.memory:
+        print("memory plan (weights only; a stage releases the one before it on its device):")
+        for line in report.memory:
+            print(f"  {line}")
     print(f"{len(report.problems)} problem(s)" + (":" if report.problems else ""))
     for problem in report.problems:
         print(f"  {problem}")

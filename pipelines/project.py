@@ -49,9 +49,15 @@ class Project:
     def preflight(self, build: bool = True, train: bool = True) -> Report:
         """Every file and model the build and the training (those asked for, where the file
         has them) will read, resolved once; see `cpo_data.preflight`."""
-        needs = build_needs(self.build) if build and self.build else []
-        needs += train_needs(self.train) if train and self.train else []
-        return check(needs)
+        from cpo_data.memory_plan import plan
+
+        build_config = self.build if build else None
+        train_config = self.train if train else None
+        needs = build_needs(build_config) if build_config else []
+        needs += train_needs(train_config) if train_config else []
+        report = check(needs)
+        plan(build_config, train_config, report)
+        return report
 
     def require_ready(self, build: bool = True, train: bool = True) -> None:
         """`preflight`, raising one error that lists every problem."""
