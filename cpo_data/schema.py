@@ -11,11 +11,13 @@ import pyarrow as pa
 
 from cpo_data.errors import UserError
 
-SCHEMA_VERSION = 1
-"""Bumped whenever a column is added, removed, renamed or retyped."""
+SCHEMA_VERSION = 2
+"""Bumped whenever a column is added, removed, renamed or retyped.
+
+2: `chosen_scores` / `rejected_scores` entries gained `error_spans` (XCOMET's, null for other
+scorers). The store reads version-1 datasets by adding that field as null (`store.py`)."""
 
 SYSTEM_OUTPUT = pa.struct([("system", pa.string()), ("text", pa.string())])
-SCORER_SCORE = pa.struct([("scorer", pa.string()), ("score", pa.float64())])
 ERROR_SPAN = pa.struct(
     [
         ("text", pa.string()),
@@ -23,6 +25,14 @@ ERROR_SPAN = pa.struct(
         ("end", pa.int32()),
         ("severity", pa.string()),
         ("confidence", pa.float64()),
+    ]
+)
+# Spans sit next to the score whose model found them, so two XCOMET scorers stay apart.
+SCORER_SCORE = pa.struct(
+    [
+        ("scorer", pa.string()),
+        ("score", pa.float64()),
+        ("error_spans", pa.list_(ERROR_SPAN)),  # null: the scorer gives no spans
     ]
 )
 

@@ -13,6 +13,9 @@ only made with a strictly lower score: a source whose candidates all tie is drop
 A candidate text that several systems produced names them all, joined by `+`
 (`chosen_system: "ref+gpt4"`), and counts for each of them in the per-system tallies.
 
+Both sides carry every scorer's score (`chosen_scores`, `rejected_scores`), each with the error
+spans that scorer found in that text (XCOMET's); null for scorers that give none.
+
 Drop reasons (the `dropped` table; one row per left-out source, pair or unranked candidate):
 `no_human_label` (labels only, nothing scored), `identical_texts` (the two sides are the same
 text), `no_candidate`, `single_candidate` (fewer than two candidates to pair, after exclusions
@@ -27,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cpo_data import schema
 from cpo_data.config import REFERENCE_NAME, SelectConfig
@@ -102,19 +106,43 @@ class _Candidate:
     scores: dict[str, float]
 
 
-def _scores_by_candidate(scores: pa.Table | None) -> dict[tuple[str, str], dict[str, float]]:
-    found: dict[tuple[str, str], dict[str, float]] = {}
+ScoreMap = dict[tuple[str, str], dict[str, float]]
+"""(source_id, text) -> {scorer: score}"""
+
+
+@dataclass
+class _Spans:
+    """Where the error spans of each (source_id, text) and scorer are, for scorers that give
+    them (XCOMET). Ranking never reads them, so they stay Arrow until the triplets are built,
+    and then only the texts that made a triplet are decoded."""
+
+    column: pa.ChunkedArray | None = None
+    """`error_spans` of the score rows that have spans."""
+    rows: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    """(source_id, text) -> {scorer: row in `column`}."""
+
+
+def _scores_by_candidate(scores: pa.Table | None) -> tuple[ScoreMap, _Spans]:
+    found: ScoreMap = {}
+    spans = _Spans()
     if scores is None:
-        return found
+        return found, spans
     scores = schema.validate(scores, schema.SCORES, what="scores")
     for sid, text, scorer, value in zip(*(scores.column(c).to_pylist() for c in
                                           ("source_id", "text", "scorer", "score")), strict=True):
         found.setdefault((sid, text), {})[scorer] = value
-    return found
+    error_spans = scores.column("error_spans")
+    if error_spans.null_count < len(error_spans):  # without XCOMET, this test is all it costs
+        with_spans = scores.filter(pc.is_valid(error_spans))
+        spans.column = with_spans.column("error_spans")
+        for row, (sid, text, scorer) in enumerate(zip(*(with_spans.column(c).to_pylist() for c in
+                                                        ("source_id", "text", "scorer")),
+                                                      strict=True)):
+            spans.rows.setdefault((sid, text), {})[scorer] = row
+    return found, spans
 
 
-def _candidates_by_source(candidates: pa.Table | None,
-                          scores: dict[tuple[str, str], dict[str, float]]
+def _candidates_by_source(candidates: pa.Table | None, scores: ScoreMap
                           ) -> dict[str, list[_Candidate]]:
     found: dict[str, list[_Candidate]] = {}
     if candidates is None:
@@ -127,19 +155,40 @@ def _candidates_by_source(candidates: pa.Table | None,
     return found
 
 
-def _score_list(scores: dict[str, float]) -> list[dict]:
-    return [{"scorer": name, "score": scores[name]} for name in sorted(scores)]
-
-
 class _Builder:
     """Collects triplets, drops and tallies for one selection run."""
 
-    def __init__(self, config: SelectConfig, rank_by: str | None):
+    def __init__(self, config: SelectConfig, rank_by: str | None, spans: _Spans):
         self.config = config
         self.rank_by = rank_by
+        self.spans = spans
+        self.span_slots: list[tuple[dict, int]] = []
+        """Score entries waiting for their spans, and the row in `spans.column` holding them."""
         self.triplets: list[dict] = []
         self.dropped = Drops()
         self.report = SelectReport()
+
+    def score_list(self, source_id: str, candidate: _Candidate) -> list[dict]:
+        """Every scorer's entry for one side; `error_spans` is null for scorers without spans,
+        and filled by `fill_spans` for the others."""
+        rows = self.spans.rows.get((source_id, candidate.text), {})
+        entries = []
+        for name in sorted(candidate.scores):
+            entry = {"scorer": name, "score": candidate.scores[name], "error_spans": None}
+            if name in rows:
+                self.span_slots.append((entry, rows[name]))
+            entries.append(entry)
+        return entries
+
+    def fill_spans(self) -> None:
+        """Decode the spans the triplets need, in one `take`."""
+        if not self.span_slots:
+            return
+        wanted = pa.array([row for _, row in self.span_slots], pa.int64())
+        for (entry, _), spans in zip(self.span_slots, self.spans.column.take(wanted).to_pylist(),
+                                     strict=True):
+            entry["error_spans"] = spans
+        self.span_slots = []
 
     def drop(self, source: dict, reason: str, detail: str | None) -> None:
         self.dropped.add(source["source_id"], source["lang_pair"], reason, detail)
@@ -166,8 +215,8 @@ class _Builder:
             "chosen_score": chosen_score,
             "rejected_score": rejected_score,
             "margin": margin,
-            "chosen_scores": _score_list(chosen.scores),
-            "rejected_scores": _score_list(rejected.scores),
+            "chosen_scores": self.score_list(source["source_id"], chosen),
+            "rejected_scores": self.score_list(source["source_id"], rejected),
             "selected_by": selected_by,
         })
         report = self.report
@@ -190,9 +239,9 @@ def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.T
     rank_by = config.rank_by
     reference_name = config.reference_name or REFERENCE_NAME
     sources = schema.validate(sources, schema.SOURCES, what="sources")
-    score_map = _scores_by_candidate(scores)
+    score_map, span_map = _scores_by_candidate(scores)
     by_source = _candidates_by_source(candidates, score_map)
-    builder = _Builder(config, rank_by)
+    builder = _Builder(config, rank_by, span_map)
     for source in sources.to_pylist():
         builder.report.sources += 1
         labelled = source["human_preferred"] is not None
@@ -207,6 +256,7 @@ def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.T
         else:
             _pair_by_score(builder, source, by_source.get(source["source_id"], []),
                            rank_by, reference_name)
+    builder.fill_spans()
     builder.report.dropped = builder.dropped.counts()
     return Selection(
         triplets=pa.Table.from_pylist(builder.triplets, schema=schema.TRIPLETS),
@@ -220,8 +270,8 @@ def _labelled_texts(source: dict) -> tuple[str, str]:
     return outputs[source["human_preferred"]], outputs[source["human_dispreferred"]]
 
 
-def _tally_agreement(agreement: LabelAgreement, source: dict,
-                     score_map: dict[tuple[str, str], dict[str, float]], rank_by: str) -> None:
+def _tally_agreement(agreement: LabelAgreement, source: dict, score_map: ScoreMap,
+                     rank_by: str) -> None:
     agreement.labelled += 1
     preferred, dispreferred = _labelled_texts(source)
     sid = source["source_id"]
@@ -236,8 +286,7 @@ def _tally_agreement(agreement: LabelAgreement, source: dict,
         agreement.ties += 1
 
 
-def _pair_by_label(builder: _Builder, source: dict,
-                   score_map: dict[tuple[str, str], dict[str, float]]) -> None:
+def _pair_by_label(builder: _Builder, source: dict, score_map: ScoreMap) -> None:
     preferred, dispreferred = _labelled_texts(source)
     good_system, bad_system = source["human_preferred"], source["human_dispreferred"]
     if preferred == dispreferred:

@@ -230,6 +230,34 @@ def version_path(uri: str, version: str = "latest", *, name: str | None = None) 
     return f"{(dataset_uri(uri, name) if name else uri).rstrip('/')}/{version}"
 
 
+def upgrade_v1_triplets(table: pa.Table) -> pa.Table:
+    """A triplets table as schema version 1 wrote it, in the current schema's shape.
+
+    Version 1's `chosen_scores` / `rejected_scores` entries were `{scorer, score}`; version 2
+    added `error_spans`. Old entries get it as null: those versions kept no spans. Built by hand
+    rather than by `cast`, which fills missing struct fields only in recent pyarrow.
+    """
+    for name in ("chosen_scores", "rejected_scores"):
+        column = table.column(name)
+        old = column.type
+        if not (pa.types.is_list(old) and pa.types.is_struct(old.value_type)
+                and [f.name for f in old.value_type] == ["scorer", "score"]):
+            continue  # not version 1's shape: `schema.validate` names what is wrong
+        chunks = []
+        for chunk in column.chunks:
+            values = chunk.values  # all of the child array: `offsets` index into it
+            entries = pa.StructArray.from_arrays(
+                [values.field("scorer"), values.field("score"),
+                 pa.nulls(len(values), pa.list_(schema.ERROR_SPAN))],
+                fields=list(schema.SCORER_SCORE), mask=values.is_null() if values.null_count
+                else None)
+            chunks.append(pa.ListArray.from_arrays(
+                chunk.offsets, entries, mask=chunk.is_null() if chunk.null_count else None))
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 pa.chunked_array(chunks, pa.list_(schema.SCORER_SCORE)))
+    return table
+
+
 def _read_files(uri: str, version: str, name: str | None, key: str, table_schema: pa.Schema,
                 verify: bool) -> pa.Table:
     manifest = read_manifest(uri, version, name=name)
@@ -241,6 +269,8 @@ def _read_files(uri: str, version: str, name: str | None, key: str, table_schema
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise StoreError(f"{uri}/{manifest['version']}/{entry['path']}: sha256 mismatch")
         table = pq.read_table(pa.BufferReader(data), use_threads=False)  # see cache.py
+        if key == "files" and manifest.get("schema_version", 1) < 2:
+            table = upgrade_v1_triplets(table)
         # Each file on its own, so that the error names the file that does not fit.
         tables.append(schema.validate(table, table_schema,
                                       what=f"{uri}/{manifest['version']}/{entry['path']}"))

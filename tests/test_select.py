@@ -102,8 +102,8 @@ def test_best_against_worst_leaves_the_middle_out():
     assert (triplet["chosen_system"], triplet["rejected_system"]) == ("gpt4", "alma")
     assert triplet["chosen_score"] == 0.9 and triplet["rejected_score"] == 0.1
     assert triplet["margin"] == pytest.approx(0.8)
-    assert triplet["chosen_scores"] == [{"scorer": "k", "score": 2.0},
-                                        {"scorer": "q", "score": 0.9}]
+    assert triplet["chosen_scores"] == [{"scorer": "k", "score": 2.0, "error_spans": None},
+                                        {"scorer": "q", "score": 0.9, "error_spans": None}]
     assert triplet["selected_by"] == "score"
     assert triplet["prompt"] == render_prompt(ALMA_PROMPT, "de", "en", "Satz.")
     assert selection.dropped.num_rows == 0

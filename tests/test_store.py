@@ -7,6 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cpo_data import schema, store
@@ -190,6 +192,54 @@ def test_verify_detects_a_changed_file(tmp_path):
     assert len(store.read_triplets(str(tmp_path / "mt"))) == 6  # unverified read
     with pytest.raises(store.StoreError, match="sha256 mismatch"):
         store.read_triplets(str(tmp_path / "mt"), verify=True)
+
+
+SCORER_SCORE_V1 = pa.struct([("scorer", pa.string()), ("score", pa.float64())])
+TRIPLETS_V1 = pa.schema([f.with_type(pa.list_(SCORER_SCORE_V1))
+                         if f.name in ("chosen_scores", "rejected_scores") else f
+                         for f in schema.TRIPLETS])
+
+
+def _as_schema_1(folder: Path) -> None:
+    """Rewrite a published version as schema version 1 wrote it: score entries without
+    `error_spans`, and a manifest saying version 1 (with the new files' hashes)."""
+    manifest_path = folder / store.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"]:
+        part = folder / entry["path"]
+        rows = pq.read_table(part).to_pylist()
+        for row in rows:
+            for side in ("chosen_scores", "rejected_scores"):
+                row[side] = [{"scorer": e["scorer"], "score": e["score"]} for e in row[side]]
+        data = store._parquet_bytes(pa.Table.from_pylist(rows, schema=TRIPLETS_V1))
+        part.write_bytes(data)
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest["schema_version"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_schema_1_version_still_reads_with_null_spans(tmp_path):
+    from training.config import TrainConfig
+    from training.run import load_dataset
+
+    table = sample_triplets(3)
+    version = store.publish_triplets(table, str(tmp_path), "mt")
+    _as_schema_1(tmp_path / "mt" / version)
+    assert pq.read_schema(next((tmp_path / "mt" / version / "de-en").iterdir())).field(
+        "chosen_scores").type == pa.list_(SCORER_SCORE_V1)
+    got = store.read_triplets_table(str(tmp_path / "mt"), version, verify=True)
+    assert got.schema == schema.TRIPLETS
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(got.to_pylist(), key=lambda r: r["id"]) == [by_id[i] for i in sorted(by_id)]
+    assert all(e["error_spans"] is None for side in ("chosen_scores", "rejected_scores")
+               for entries in got.column(side).to_pylist() for e in entries)
+    # Training reads it as before (read_triplets, verified).
+    manifest, rows = load_dataset(TrainConfig(model="unused", dataset=str(tmp_path / "mt")))
+    assert manifest["schema_version"] == 1 and len(rows) == 6
+    # A schema-1 version next to a newer one: each is read as its own manifest says.
+    store.publish_triplets(sample_triplets(3, seed=1), str(tmp_path), "mt")
+    assert len(store.read_triplets(str(tmp_path / "mt"), version)) == 6
+    assert len(store.read_triplets(str(tmp_path / "mt"))) == 6
 
 
 def test_public_api_is_importable_from_the_package(tmp_path):
