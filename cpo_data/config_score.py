@@ -9,6 +9,8 @@ generator, and those live in `cpo_data.fields`). `cpo_data.config` re-exports ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from cpo_data.fields import (
     DTYPES,
@@ -44,8 +46,9 @@ class ScorerConfig:
     device: str = "auto"
     """comet: auto (cuda when available), cpu, cuda, cuda:N."""
     dtype: str = "float32"
-    """comet: float32 gives COMET's own numbers; bfloat16/float16 (or auto: half on GPU) are
-    faster and lighter but move scores slightly; float64 is for checking exactness (slow)."""
+    """comet: float32, the default, is the precision COMET's own `predict()` runs at, so the
+    numbers are COMET's; bfloat16/float16 (or auto: half on GPU) halve the memory but move the
+    scores (a warning at load says so; README "Scoring"); float64 is for checking exactness."""
     bleu_tokenize: str = "13a"
     """bleu: a sacrebleu tokenizer that needs no download (13a, intl, char, zh, none)."""
 
@@ -69,6 +72,68 @@ class ScorerConfig:
     @property
     def higher_is_better(self) -> bool:
         return self.kind != "ter"
+
+
+def comet_hparams(model: str | None, download: bool = False) -> dict[str, Any] | None:
+    """The `hparams.yaml` COMET reads for a model (a folder, its `checkpoints/model.ckpt`, or
+    a hub id), or None where it is not at hand: a hub id is looked up in the Hugging Face
+    cache only, unless `download` (then fetched, a few kB, when not cached)."""
+    import yaml
+
+    from cpo_data.errors import UserError
+    from cpo_data.fingerprint import comet_folder, hub_file
+
+    if not model:
+        return None
+    try:
+        folder = Path(comet_folder(model)).expanduser()
+        if folder.is_dir():
+            path: Path | None = folder / "hparams.yaml"
+        elif model.startswith((".", "/", "~")) or model.endswith(".ckpt"):
+            return None  # a path that is not (yet) there: the load or the build names it
+        elif download:
+            path = hub_file(model, None, "hparams.yaml")
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "hparams.yaml")
+            path = Path(cached) if isinstance(cached, str) else None
+        if path is None or not path.is_file():
+            return None
+        hparams = yaml.safe_load(path.read_text())
+    except (UserError, ValueError, OSError, yaml.YAMLError):
+        return None  # not a valid id, unreachable, unreadable: the load says which
+    return hparams if isinstance(hparams, dict) else None
+
+
+# COMET 2.2.7's scoring classes by `class_identifier`: the setting naming the layer(s) its
+# estimator reads (a "mix" of all layers, or one layer) and its default `layer_norm`. The first
+# two (COMET-22, COMET-QE) pool a sentence embedding; CometKiwi and XCOMET take the CLS token.
+_LAYERS = {"regression_metric": ("layer", True), "referenceless_regression_metric": ("layer", True),
+           "unified_metric": ("sent_layer", True), "xcomet_metric": ("sent_layer", False)}
+_POOLED = ("regression_metric", "referenceless_regression_metric")
+
+
+def bfloat16_problem(hparams: dict[str, Any] | None) -> str | None:
+    """Why COMET 2.2.7 cannot score with this checkpoint in bfloat16, or None.
+
+    Two steps in COMET return float32 whatever the model's dtype, and the estimator's bf16
+    weights then refuse that input ("mat1 and mat2 must have the same dtype"): average
+    pooling (it divides by a float32 token count) and the layer mix with `layer_norm` (it
+    normalises with a float32 mask). In float16 COMET's estimator casts its input back
+    (comet/modules/feedforward.py), so float16 runs; bfloat16 has no such cast. Making it run
+    would mean patching COMET, and the numbers would be nobody's, so it is refused instead."""
+    kind = (hparams or {}).get("class_identifier")
+    if kind not in _LAYERS:
+        return None
+    fix = ("returns float32 inside COMET ('mat1 and mat2 must have the same dtype'); use "
+           "float32 (COMET's own predict() precision) or float16")
+    if kind in _POOLED and hparams.get("pool", "avg") == "avg":
+        return f"a COMET-22-style {kind} with average pooling, which {fix}"
+    layer, layer_norm = _LAYERS[kind]
+    if hparams.get(layer, "mix") == "mix" and hparams.get("layer_norm", layer_norm):
+        return f"a {kind} whose layer mix has layer_norm, which {fix}"
+    return None
 
 
 @dataclass(frozen=True)

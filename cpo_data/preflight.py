@@ -313,6 +313,21 @@ def check(needs: Sequence[Need], offline: bool | None = None) -> Report:
     return report
 
 
+def comet_dtype_problems(scorers: Sequence[tuple[str, object]]) -> list[str]:
+    """A COMET scorer set to bfloat16 whose checkpoint COMET cannot run in it (COMET-22's
+    average pooling): named by its key before hours of generation. `scorers` holds (config
+    key, ScorerConfig). The scorer checks again when it loads, with `auto` resolved."""
+    from cpo_data.config_score import bfloat16_problem, comet_hparams
+
+    problems = []
+    for key, scorer in scorers:
+        if scorer.kind == "comet" and scorer.dtype == "bfloat16":
+            problem = bfloat16_problem(comet_hparams(scorer.model, download=True))
+            if problem:
+                problems.append(f"{key}.dtype: bfloat16 cannot run {scorer.model}: {problem}")
+    return problems
+
+
 def build_needs(config) -> list[Need]:  # noqa: ANN001 - a BuildConfig
     """What a build reads: its source files, its generators' models and adapters, its COMET
     scorers."""

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from cpo_data.config import BuildConfig
 from cpo_data.fields import ConfigError
-from cpo_data.preflight import PreflightError, Report, build_needs, check
+from cpo_data.preflight import (
+    PreflightError,
+    Report,
+    build_needs,
+    check,
+    comet_dtype_problems,
+)
 from cpo_data.project import ProjectFile, build_section, parse, published_dataset, read_project
 from pipelines.deploy import DeployConfig
 from training.config import TrainConfig, train_needs, train_section
@@ -56,6 +62,11 @@ class Project:
         needs = build_needs(build_config) if build_config else []
         needs += train_needs(train_config) if train_config else []
         report = check(needs)
+        scorers = [(f"score.scorers[{i}]", s) for i, s in
+                   enumerate(build_config.score.scorers if build_config else ())]
+        if train_config is not None and train_config.eval.comet is not None:
+            scorers.append(("train.eval.comet", train_config.eval.comet))
+        report.problems += comet_dtype_problems(scorers)
         plan(build_config, train_config, report)
         return report
 

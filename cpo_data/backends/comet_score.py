@@ -8,6 +8,12 @@ the same checkpoint and dtype the numbers are COMET's own (tested against `predi
 Batches are filled by token count up to a budget, longest first, and the caller's order is
 restored. Segments longer than the encoder takes are cut by COMET itself; we count them.
 
+`predict()` runs at float32 (its Lightning Trainer's default precision, on the float32 model
+`load_from_checkpoint` returns), and so does a scorer by default. bfloat16/float16 are an
+opt-in that moves the scores: a warning says so once per process and model when it loads,
+and a checkpoint COMET itself cannot run in bfloat16 (COMET-22, whose average pooling
+returns float32) is refused before it loads (`cpo_data.config_score.bfloat16_problem`).
+
 Each distinct string is tokenized once per `score()` call: a source shared by seven candidates,
 or a candidate that sampling produced twice, would otherwise be tokenized again for every row,
 and once more to plan the batches. The encoder's own `prepare_sample` is served from that memo
@@ -29,6 +35,8 @@ import torch
 from cpo_data.backends.torch_device import halving_on_oom, pick_device, pick_dtype
 from cpo_data.batching import token_budget_batches
 from cpo_data.config import ScorerConfig
+from cpo_data.config_score import bfloat16_problem, comet_hparams
+from cpo_data.fields import ConfigError
 from cpo_data.identity import scorer_identity
 from cpo_data.score import ScoreError, ScoreItem, ScoreResult
 
@@ -124,6 +132,36 @@ def _active_memo() -> Iterator[dict[str, list[int]]]:
         _token_memo.reset(token)
 
 
+_warned_precision: set[tuple[str, str]] = set()
+"""(checkpoint, dtype) pairs whose half-precision warning this process has logged."""
+
+PRECISION_WARNING = (
+    "%s: %s runs in %s, so its scores differ from COMET's own predict(), which runs in "
+    "float32 (on random-weight replicas by up to 0.034 in the CometKiwi-XXL shape and 0.111 "
+    "in the XCOMET-XXL shape; see the README, Scoring, 'Precision'); dtype: float32 gives "
+    "COMET's numbers")
+
+
+def _check_precision(config: ScorerConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before anything loads, a checkpoint that COMET cannot run at `dtype`."""
+    if dtype != torch.bfloat16:
+        return
+    problem = bfloat16_problem(comet_hparams(config.model, download=True))
+    if problem:
+        what = ("dtype: bfloat16" if config.dtype == "bfloat16"
+                else f"dtype: {config.dtype}, which is bfloat16 on {device},")
+        raise ConfigError(f"scorer {config.name!r}: {what} cannot run {config.model}: "
+                          f"{problem}")
+
+
+def _warn_precision(config: ScorerConfig, checkpoint: str, dtype: torch.dtype) -> None:
+    """Once per process and model: half precision moves the scores off COMET's own."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype in (torch.bfloat16, torch.float16) and (checkpoint, name) not in _warned_precision:
+        _warned_precision.add((checkpoint, name))
+        log.warning(PRECISION_WARNING, config.name, config.model, name)
+
+
 @functools.lru_cache(maxsize=4)
 def _load(checkpoint: str, device: str, dtype: str) -> Any:
     """One COMET model per process for the same checkpoint, device and dtype."""
@@ -153,7 +191,11 @@ class CometScorer:
     def __init__(self, config: ScorerConfig):
         self.config = config
         self.name = config.name
+        device = pick_device(config.device)
+        dtype = pick_dtype(config.dtype, device)
+        _check_precision(config, device, dtype)
         checkpoint = resolve_checkpoint(config.model)
+        _warn_precision(config, str(checkpoint), dtype)
         self.model = _load(str(checkpoint), config.device, config.dtype)
         self.device = next(self.model.parameters()).device
         self.needs_reference = config.use_reference
