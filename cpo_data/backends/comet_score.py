@@ -77,6 +77,34 @@ def resolve_checkpoint(model: str) -> Path:
     return Path(folder) / "checkpoints" / "model.ckpt"
 
 
+def fetch_encoder(checkpoint: Path) -> None:
+    """Put the encoder COMET rebuilds into the Hugging Face cache before COMET loads.
+
+    COMET builds its encoder from the config and tokenizer of the repo its `hparams.yaml` names
+    (`pretrained_model`, e.g. facebook/xlm-roberta-xxl), and we load it with
+    `local_files_only`, so those files must be cached: fetched here (not the weights, which
+    the COMET checkpoint holds), or, offline, named when they are missing."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from cpo_data.preflight import ENCODER_FILES
+
+    encoder = (comet_hparams(str(checkpoint)) or {}).get("pretrained_model")
+    if not encoder or Path(str(encoder)).expanduser().is_dir():
+        return
+    try:
+        snapshot_download(str(encoder), allow_patterns=ENCODER_FILES,
+                          local_files_only=constants.HF_HUB_OFFLINE)
+    except LocalEntryNotFoundError:
+        raise ScoreError(
+            f"{checkpoint}: COMET rebuilds its encoder from {encoder}, which is not in the "
+            "Hugging Face cache, and HF_HUB_OFFLINE is set: run `cpo-data download CONFIG` "
+            "where there is a network") from None
+    except Exception as error:  # noqa: BLE001 - the hub raises many kinds; say which
+        raise ScoreError(f"{checkpoint}: cannot fetch its encoder {encoder}: "
+                         f"{type(error).__name__}: {error}") from None
+
+
 # Token ids per string for the `score()` call running in this thread or task, if any.
 _token_memo: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar(
     "cpo_data_comet_token_memo", default=None)
@@ -195,6 +223,7 @@ class CometScorer:
         dtype = pick_dtype(config.dtype, device)
         _check_precision(config, device, dtype)
         checkpoint = resolve_checkpoint(config.model)
+        fetch_encoder(checkpoint)
         _warn_precision(config, str(checkpoint), dtype)
         self.model = _load(str(checkpoint), config.device, config.dtype)
         self.device = next(self.model.parameters()).device
