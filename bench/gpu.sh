@@ -74,9 +74,9 @@ if [ "$CHECK" = 1 ]; then
     --device "$DEVICE" --steps 5 --repeats 1 --quiet-wait 5
 else
   # 512 sources x 4 beams, 16 new tokens: the CPU rows' size, so the two compare.
-  run generate 120 "$PY" bench/generate.py --sources 512 --max-new-tokens 16
+  run generate 90 "$PY" bench/generate.py --sources 512 --max-new-tokens 16
   # 30 steps of 4 pairs, each side in its own process, twice (alternating who goes first).
-  run train 300 "$PY" bench/train.py --preset 1b --device "$DEVICE" --steps 30 \
+  run train 240 "$PY" bench/train.py --preset 1b --device "$DEVICE" --steps 30 \
     --repeats 2 --quiet-wait 10
 fi
 
@@ -85,10 +85,11 @@ if [[ "$help" == *--device* && "$help" == *--dtype* ]]; then
   # XLM-R-large's shape (24 x 1024, random weights), the README's pending GPU scoring rows.
   for dtype in float32 bfloat16 float16; do
     if [ "$CHECK" = 1 ]; then
-      run "score_$dtype" 120 "$PY" bench/score.py --sources 8 --device "$DEVICE" --dtype "$dtype"
-    else
-      run "score_$dtype" 100 "$PY" bench/score.py --sources 180 --hidden 1024 --layers 24 \
+      run "score_$dtype" 120 "$PY" bench/score.py --sources 8 --kind xcomet \
         --device "$DEVICE" --dtype "$dtype"
+    else
+      run "score_$dtype" 40 "$PY" bench/score.py --sources 60 --hidden 1024 --layers 24 \
+        --kind xcomet --device "$DEVICE" --dtype "$dtype"
     fi
   done
 else

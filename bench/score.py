@@ -6,9 +6,12 @@ Three pools built from the demo corpus (each source gets candidates):
       from a small set of variants, so sampling repeats itself and the providers;
   (c) refresh: pool (b) again when 90% of its distinct pairs are already in the score cache.
 `predict()` scores every row of the pool each time, as a script calling it directly does; ours is
-`score_candidates` (dedupe, cache, in-process batches). Scores must agree to 1e-5.
+`score_candidates` (dedupe, cache, in-process batches). At float32 scores must agree to 1e-5;
+`--dtype bfloat16|float16` scores ours in half precision against float32 `predict()` (COMET's
+own precision), so `max_abs_diff` is then the drift half precision causes.
 
     .venv/bin/python bench/score.py [--sources 180] [--hidden 32] [--layers 2]
+                                    [--kind kiwi|xcomet] [--device cpu|cuda] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -64,11 +67,14 @@ def pool(sources: pa.Table, kind: str, seed: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema.CANDIDATES)
 
 
+GPUS = 0  # predict()'s Lightning device count: 1 with --device cuda, so both sides share it
+
+
 def predict_all(model, candidates: pa.Table, sources: pa.Table) -> list[float]:
     src = dict(zip(sources.column("source_id").to_pylist(), sources.column("src").to_pylist(),
                    strict=True))
     samples = [{"src": src[c["source_id"]], "mt": c["text"]} for c in candidates.to_pylist()]
-    return model.predict(samples, batch_size=16, gpus=0, progress_bar=False).scores
+    return model.predict(samples, batch_size=16, gpus=GPUS, progress_bar=False).scores
 
 
 def timed(fn):
@@ -82,18 +88,28 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=180)
     parser.add_argument("--hidden", type=int, default=32, help="tiny encoder width")
     parser.add_argument("--layers", type=int, default=2, help="tiny encoder depth")
+    parser.add_argument("--kind", choices=("kiwi", "xcomet"), default="kiwi",
+                        help="CometKiwi- or XCOMET-style checkpoint (bfloat16 needs xcomet: the "
+                        "tiny kiwi's layer mix has layer_norm, which COMET cannot run in bf16)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (predict() runs there too)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="our scorer's dtype; predict() stays at its own float32")
     args = parser.parse_args()
     import comet
+
+    global GPUS
+    GPUS = 1 if args.device.startswith("cuda") else 0
 
     sources = demo_sources(args.sources)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = str(build_tiny_comet(f"{folder}/kiwi", "kiwi", hidden_size=args.hidden,
+        checkpoint = str(build_tiny_comet(f"{folder}/kiwi", args.kind, hidden_size=args.hidden,
                                           layers=args.layers))
         model = comet.load_from_checkpoint(checkpoint, local_files_only=True)
-        scorer = load_scorer(ScorerConfig(name="kiwi", model=checkpoint))
+        scorer = load_scorer(ScorerConfig(name="kiwi", model=checkpoint, device=args.device,
+                                          dtype=args.dtype))
         scorer.score([ScoreItem("warm", "up")])
-        model.predict([{"src": "warm", "mt": "up"}], gpus=0, progress_bar=False)
+        model.predict([{"src": "warm", "mt": "up"}], gpus=GPUS, progress_bar=False)
 
         for name, kind in (("a_distinct", "distinct"), ("b_realistic", "realistic")):
             candidates = pool(sources, kind)
@@ -131,7 +147,9 @@ def main() -> None:
             "max_abs_diff": diff}
 
     size = f"{args.layers}x{args.hidden}"
-    print(json.dumps({"benchmark": "score", "checkpoint": f"tiny CometKiwi-style (XLM-R {size})",
+    style = {"kiwi": "CometKiwi", "xcomet": "XCOMET"}[args.kind]
+    print(json.dumps({"benchmark": "score", "checkpoint": f"tiny {style}-style (XLM-R {size})",
+                      "device": args.device, "dtype": args.dtype, "predict_dtype": "float32",
                       "sources": args.sources, **results, "torch_threads": torch.get_num_threads(),
                       "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
                                  f"torch {torch.__version__}"}, indent=1))
