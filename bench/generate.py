@@ -23,11 +23,11 @@ from cpo_data.backends.hf_generate import load_generator  # noqa: E402
 from cpo_data.config import GeneratorConfig  # noqa: E402
 from cpo_data.generate import Request  # noqa: E402
 from cpo_data.sources import source_id  # noqa: E402
-from cpo_data.testing import _training_texts, build_tiny_causal_lm  # noqa: E402
+from cpo_data.testing import build_tiny_causal_lm, training_texts  # noqa: E402
 
 
 def sources(n: int) -> list[Request]:
-    texts = [t for t in _training_texts() if len(t.split()) >= 4]
+    texts = [t for t in training_texts() if len(t.split()) >= 4]
     picked = [f"{texts[i % len(texts)]} ({i})" for i in range(n)]
     return [Request(source_id("de", "en", t), "de", "en", t) for t in picked]
 

@@ -1,6 +1,7 @@
 """Small local stand-ins used by the tests and benchmarks: nothing here downloads anything.
 
-Later stages add tiny models, tokenizers and COMET checkpoints built on the spot.
+Tiny models, tokenizers and COMET checkpoints, built on the spot; `cpo_data.replicas` holds the
+recipe's real repos in miniature (their classes, file layouts and hub ids).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def sample_dropped(source_ids: list[str], reason: str = "single_candidate") -> p
 _SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def _training_texts() -> list[str]:
+def training_texts() -> list[str]:
     """Text to train the tiny tokenizers on: the demo corpus, prompt words and language tags."""
     import json
     from pathlib import Path
@@ -89,7 +90,7 @@ def train_tokenizer(extra_special_tokens: tuple[str, ...] = (), vocab_size: int 
         vocab_size=vocab_size, special_tokens=_SPECIALS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_texts(), trainer=trainer)
+    tokenizer.train_from_iterator(training_texts(), trainer=trainer)
     if add_bos:
         bos = tokenizer.token_to_id("<s>")
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -201,29 +202,40 @@ def build_tiny_nllb(path, seed: int = 0, d_model: int = 32, layers: int = 2,
 # ---- tiny COMET checkpoints, built offline ----------------------------------------------
 
 
-def _tiny_xlmr_encoder(folder, max_tokens: int = 128, hidden_size: int = 32, layers: int = 2):
-    """A sentencepiece tokenizer trained here and a tiny XLM-R config, saved as an HF folder.
-
-    COMET rebuilds its encoder from this folder (config and tokenizer, no weights) whenever a
-    checkpoint is loaded, exactly as it does with `xlm-roberta-large` from the hub.
-    """
+def xlmr_tokenizer(folder):
+    """XLM-R's tokenizer layout, trained here: a sentencepiece unigram model with fairseq's
+    special ids (<s> 0, <pad> 1, </s> 2, <unk> 3) as `sentencepiece.bpe.model`, wrapped as
+    `XLMRobertaTokenizerFast` and saved into `folder`."""
     import io
-    from pathlib import Path
 
     import sentencepiece as spm
-    from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast
+    from transformers import XLMRobertaTokenizerFast
 
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_texts()), model_writer=model, vocab_size=500,
+        sentence_iterator=iter(training_texts()), model_writer=model, vocab_size=500,
         model_type="unigram", character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3,
         minloglevel=2,
     )
     (folder / "sentencepiece.bpe.model").write_bytes(model.getvalue())
     tokenizer = XLMRobertaTokenizerFast(vocab_file=str(folder / "sentencepiece.bpe.model"))
     tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _tiny_xlmr_encoder(folder, max_tokens: int = 128, hidden_size: int = 32, layers: int = 2):
+    """A sentencepiece tokenizer trained here and a tiny XLM-R config, saved as an HF folder.
+
+    COMET rebuilds its encoder from this folder (config and tokenizer, no weights) whenever a
+    checkpoint is loaded, exactly as it does with `xlm-roberta-large` from the hub.
+    """
+    from pathlib import Path
+
+    from transformers import XLMRobertaConfig
+
+    folder = Path(folder)
+    tokenizer = xlmr_tokenizer(folder)
     config = XLMRobertaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers,
         num_attention_heads=4, intermediate_size=hidden_size * 2,
