@@ -445,3 +445,23 @@ def test_training_on_the_published_version_continues_alma_s_adapter(hub, built, 
     # Continued from ALMA's adapter (a fresh one starts with B = 0), and moved by training.
     moved = max((trained[k].float() - start[k].float()).abs().max().item() for k in start)
     assert 0 < moved < 0.05
+
+
+def test_a_rerun_finds_every_result_of_the_first_in_the_caches(hub, built):
+    """The identities of hub models are their snapshots' commits on the first run as on the
+    rerun, so the rerun loads and computes nothing (issue 15: the keys used to differ)."""
+    from cpo_data import build
+    from cpo_data.backends import comet_score, hf_generate
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded although every result is cached")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hf_generate, "load_generator", refuse)
+        patch.setattr(comet_score, "load_scorer", refuse)
+        again = build.run_build(built["config"])
+    first = built["summary"]
+    assert again.generated == {"alma": 0} and again.generated_from_cache == first.generated
+    assert again.scored == {"kiwi": 0, "xcomet": 0}
+    assert again.scored_from_cache == first.scored
+    assert again.triplets == first.triplets
