@@ -156,6 +156,7 @@ def test_on_different_devices_the_generator_stays(tmp_path, models, recorder, mo
     assert recorder.alive_after[-1] == {"generator:tiny", "scorer:kiwi", "scorer:xcomet"}
 
 
+@pytest.mark.slow  # 7-8 s: two builds, each loading a generator and two COMET scorers
 def test_a_generator_loading_releases_the_scorers_a_process_kept(tmp_path, models, recorder):
     """A Dask worker outlives builds: the next build's generation frees the last one's
     scorers there before its generator loads."""
