@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cpo_data import __version__, schema, select, sources, store
+from cpo_data import __version__, guards, schema, select, sources, store
 from cpo_data.config import BuildConfig, ConfigError
 from cpo_data.fingerprint import generator_weights, scorer_weights
 from cpo_data.generate import Candidates, GenerateError, generate_candidates, provided_systems
@@ -306,8 +306,11 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
     config, summary = run.config, run.summary
     candidates = pa.concat_tables(run.candidates) if run.candidates else None
     scores = _scores_for_selection(config, run.loaded.scores, run.scores)
-    selection = select.select_triplets(run.loaded.table, candidates, scores, config.selection)
-    dropped = pa.concat_tables([*run.dropped, selection.dropped])
+    vetoes = guards.check_candidates(run.loaded.table, candidates, config.guards,
+                                     config.generate.reference_name)
+    selection = select.select_triplets(run.loaded.table, candidates, scores, config.selection,
+                                       vetoes.by_candidate)
+    dropped = pa.concat_tables([*run.dropped, vetoes.dropped.table(), selection.dropped])
     provenance = {
         "cpo_data_version": __version__,
         "config": dataclasses.asdict(config),
@@ -318,6 +321,7 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
         "scorers": run.weights["score"],
         "ingestion": summary.ingestion,
         "truncated": summary.truncated,
+        "length_windows": vetoes.windows,
     }
     _compare_with_previous(summary, run)
     summary.version = store.publish_triplets(selection.triplets, config.publish.uri,

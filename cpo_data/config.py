@@ -17,6 +17,7 @@ from pathlib import Path
 
 # The score stage's configs are written in their own module (its docstring says why); they are
 # re-exported, so this module stays the one place every stage's config is imported from.
+from cpo_data.config_guards import GuardsConfig as GuardsConfig
 from cpo_data.config_score import BLEU_TOKENIZERS as BLEU_TOKENIZERS
 from cpo_data.config_score import SCORER_KINDS as SCORER_KINDS
 from cpo_data.config_score import EnsembleConfig as EnsembleConfig
@@ -223,6 +224,9 @@ class SelectConfig:
     """Whether the reference, when it is a candidate, may be the rejected side."""
     exclude_systems: tuple[str, ...] = ()
     """Systems whose candidates are never paired (a text another system also gave stays)."""
+    vetoed_may_be_rejected: bool = False
+    """Whether a candidate a guard vetoed may be the rejected side (a wrong-language output is
+    a useful negative); it is never the chosen side."""
     reference_name: str | None = None
     """System name the reference carries among the candidates (for the two reference rules);
     null: "ref". A build fills it from `generate.reference_name`, where it is set."""
@@ -293,6 +297,8 @@ class BuildConfig:
     """Which candidates each source gets."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """How candidates are scored."""
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    """Checks that veto a candidate before ranking (README, "Trusting the pairs")."""
     select: SelectConfig = field(default_factory=SelectConfig)
     """How pairs are picked."""
     work_dir: str = field(default=".cpo-data/work", metadata=FILE)

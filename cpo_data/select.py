@@ -20,13 +20,15 @@ Drop reasons (the `dropped` table; one row per left-out source, pair or unranked
 `no_human_label` (labels only, nothing scored), `identical_texts` (the two sides are the same
 text), `no_candidate`, `single_candidate` (fewer than two candidates to pair, after exclusions
 and reference rules), `score_missing` (a candidate without the ranking score: the scoring stage
-dropped it), `tied_scores`, `margin_below_min`.
+dropped it), `tied_scores`, `margin_below_min`, `all_vetoed` (every candidate that could be
+chosen was vetoed by a guard, `cpo_data.guards`, whose vetoes are dropped rows of their own).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -44,6 +46,7 @@ SINGLE_CANDIDATE = "single_candidate"
 SCORE_MISSING = "score_missing"
 TIED_SCORES = "tied_scores"
 MARGIN_BELOW_MIN = "margin_below_min"
+ALL_VETOED = "all_vetoed"
 
 
 def render_prompt(template: str, src_lang: str, tgt_lang: str, src: str) -> str:
@@ -229,12 +232,14 @@ class _Builder:
 
 
 def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.Table | None,
-                    config: SelectConfig) -> Selection:
+                    config: SelectConfig,
+                    vetoed: Mapping[tuple[str, str], str] | None = None) -> Selection:
     """Triplets for every source that yields a pair, and a dropped row for everything else.
 
     `config.rank_by` is the score that ranks candidates; None means nothing was scored, so
     only human labels make pairs. A build passes `BuildConfig.selection`, which has both it
-    and the reference's name resolved.
+    and the reference's name resolved. `vetoed` maps (source_id, text) to the guard that
+    vetoed that candidate (`cpo_data.guards`): it is never chosen.
     """
     rank_by = config.rank_by
     reference_name = config.reference_name or REFERENCE_NAME
@@ -255,7 +260,7 @@ def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.T
                          "and nothing is scored")
         else:
             _pair_by_score(builder, source, by_source.get(source["source_id"], []),
-                           rank_by, reference_name)
+                           rank_by, reference_name, vetoed or {})
     builder.fill_spans()
     builder.report.dropped = builder.dropped.counts()
     return Selection(
@@ -300,7 +305,7 @@ def _pair_by_label(builder: _Builder, source: dict, score_map: ScoreMap) -> None
 
 
 def _pair_by_score(builder: _Builder, source: dict, candidates: list[_Candidate], rank_by: str,
-                   reference_name: str) -> None:
+                   reference_name: str, vetoed: Mapping[tuple[str, str], str]) -> None:
     config = builder.config
     excluded = set(config.exclude_systems)
     ranked: list[_Candidate] = []
@@ -328,21 +333,32 @@ def _pair_by_score(builder: _Builder, source: dict, candidates: list[_Candidate]
     def is_reference(candidate: _Candidate) -> bool:
         return reference_name in candidate.systems
 
+    def is_vetoed(candidate: _Candidate) -> bool:
+        return (source["source_id"], candidate.text) in vetoed
+
     best_first = sorted(ranked, key=lambda c: (-c.scores[rank_by], c.index))
     choosable = [c for c in best_first
-                 if config.reference_may_be_chosen or not is_reference(c)]
+                 if (config.reference_may_be_chosen or not is_reference(c)) and not is_vetoed(c)]
     if not choosable:
-        builder.drop(source, SINGLE_CANDIDATE, "only the reference, which may not be chosen")
+        if any(is_vetoed(c) for c in ranked):
+            guards = sorted({vetoed[(source["source_id"], c.text)] for c in ranked
+                             if is_vetoed(c)})
+            builder.drop(source, ALL_VETOED, f"every candidate that could be chosen was "
+                         f"vetoed ({', '.join(guards)})")
+        else:
+            builder.drop(source, SINGLE_CANDIDATE, "only the reference, which may not be "
+                         "chosen")
         return
     chosen = choosable[0]
     best = chosen.scores[rank_by]
     rejectable = [c for c in sorted(ranked, key=lambda c: (c.scores[rank_by], c.index))
                   if c is not chosen
-                  and (config.reference_may_be_rejected or not is_reference(c))]
+                  and (config.reference_may_be_rejected or not is_reference(c))
+                  and (config.vetoed_may_be_rejected or not is_vetoed(c))]
     if not rejectable:
         builder.drop(source, SINGLE_CANDIDATE,
-                     f"only {'+'.join(chosen.systems)} and the reference, which may not be "
-                     "rejected")
+                     f"only {'+'.join(chosen.systems)} and candidates that may not be rejected "
+                     "(the reference, or vetoed ones)")
         return
     worse = [c for c in rejectable if c.scores[rank_by] < best]
     if not worse:

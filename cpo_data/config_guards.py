@@ -1,0 +1,84 @@
+"""The guards' config: which checks veto a candidate before QE ranks it, and their thresholds.
+
+Quality estimation rewards some broken outputs (a copy of the source, a runaway repetition can
+outscore a real translation), so each guard names a way a candidate can be wrong whatever its
+score. Each is on by default with settings that leave ordinary translations alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cpo_data.fields import _check_at_least, _fail
+
+
+@dataclass(frozen=True)
+class CopyGuard:
+    """`copy_of_source`: the candidate is (nearly) the source itself."""
+
+    enabled: bool = True
+    min_similarity: float = 0.9
+    """Character similarity (difflib's ratio, 0-1) of the normalised texts at which a
+    candidate counts as a copy; normalised: case-folded, punctuation and spacing removed."""
+    min_chars: int = 20
+    """Sources shorter than this (normalised) are not checked: names, numbers and short
+    phrases are legitimately the same in both languages."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_similarity <= 1:
+            _fail("min_similarity", "must be in (0, 1]")
+        _check_at_least(self, 0, "min_chars")
+
+
+@dataclass(frozen=True)
+class LengthGuard:
+    """`length_ratio`: the candidate's length (characters) over the source's is outside the
+    direction's window."""
+
+    enabled: bool = True
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per direction (`en-de: [0.8, 1.6]`), overriding the window learned from the data."""
+    learn_from: int = 50
+    """A direction with at least this many references learns its window from their ratios
+    (their 0.5% and 99.5% quantiles, widened by `slack`); others use the built-in table."""
+    slack: float = 1.5
+    """How far beyond the references' range a candidate may go: the low quantile is divided
+    by it, the high one multiplied."""
+    min_chars: int = 10
+    """Sources shorter than this are not checked: their ratios say little."""
+
+    def __post_init__(self) -> None:
+        for pair, window in self.windows.items():
+            if len(window) != 2 or not 0 < window[0] < window[1]:
+                _fail(f"windows.{pair}", f"expected [low, high] with 0 < low < high, got "
+                      f"{list(window)}")
+        _check_at_least(self, 1, "learn_from")
+        _check_at_least(self, 0, "min_chars")
+        if self.slack < 1:
+            _fail("slack", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class RepetitionGuard:
+    """`repetition`: a word n-gram (characters for Chinese and Japanese) occurs far more often
+    than in the source: a generation that loops."""
+
+    enabled: bool = True
+    n: int = 3
+    """Length of the n-grams counted, in words."""
+    max_repeats: int = 4
+    """A candidate whose most frequent n-gram occurs more than this many times more than the
+    same n-gram does in the source is vetoed."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 1, "n", "max_repeats")
+
+
+@dataclass(frozen=True)
+class GuardsConfig:
+    """Checks that veto a candidate before ranking, whatever its score. A vetoed candidate is
+    never chosen; `select.vetoed_may_be_rejected` lets it serve as the rejected side."""
+
+    copy_of_source: CopyGuard = field(default_factory=CopyGuard)
+    length_ratio: LengthGuard = field(default_factory=LengthGuard)
+    repetition: RepetitionGuard = field(default_factory=RepetitionGuard)

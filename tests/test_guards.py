@@ -1,0 +1,188 @@
+"""Candidate guards: broken candidates that QE rates highest are never chosen."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+
+from cpo_data import guards, schema
+from cpo_data.config import GenerateConfig, GuardsConfig, ScoreConfig, SelectConfig, SourcesConfig
+from cpo_data.config_guards import CopyGuard, LengthGuard, RepetitionGuard
+from cpo_data.generate import generate_candidates
+from cpo_data.score import ScoreResult, score_candidates
+from cpo_data.select import select_triplets
+from cpo_data.sources import load_sources
+from tests.conftest import REPO_ROOT, write_jsonl
+
+BAD = ("copy", "loop", "cut")
+OFF = GuardsConfig(copy_of_source=CopyGuard(enabled=False),
+                   length_ratio=LengthGuard(enabled=False),
+                   repetition=RepetitionGuard(enabled=False))
+
+
+class _FooledQE:
+    """A QE stand-in that, as QE is known to, rates the broken outputs highest."""
+
+    name, needs_reference, higher_is_better, last_truncated = "qe", False, True, 0
+    identity = {"scorer": "fooled"}
+
+    def __init__(self, texts_by_system, broken=(0.99, 0.98, 0.97)):
+        self.rank = {text: rank for system, rank in zip(BAD, broken, strict=True)
+                     for text in texts_by_system[system]}
+
+    def score(self, items):
+        # Real outputs get distinct scores in (0.4, 0.6): no ties among them.
+        return [ScoreResult(self.rank.get(i.mt, 0.4 + zlib.crc32(i.mt.encode()) / 2**32 / 5))
+                for i in items]
+
+
+def _pool(tmp_path, broken=(0.99, 0.98, 0.97)):
+    """The demo corpus with three broken systems beside its two real ones: the source copied,
+    a real output that loops, and a real output cut to its first quarter."""
+    rows = [json.loads(line) for line in
+            (REPO_ROOT / "data/demo/demo.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["copy"] = row["src"] + " "
+        row["loop"] = row["system_a"] + " " + " ".join(["and then"] * 8)
+        row["cut"] = row["system_a"][: max(1, len(row["system_a"]) // 4)]
+    path = write_jsonl(tmp_path / "pool.jsonl", rows)
+    systems = {s: s for s in ("system_a", "system_b", *BAD)}
+    loaded = load_sources(SourcesConfig(path=str(path), src_lang_column="src_lang",
+                                        tgt_lang_column="tgt_lang", systems=systems))
+    candidates = generate_candidates(loaded.table, GenerateConfig(include_reference=True))
+    texts = {s: {r[s].strip() for r in rows} for s in BAD}
+    scores = score_candidates(candidates.table, loaded.table, ScoreConfig(),
+                              [_FooledQE(texts, broken)])
+    return loaded.table, candidates.table, scores.table
+
+
+def _select(pool, config: GuardsConfig, **select):
+    sources, candidates, scores = pool
+    vetoes = guards.check_candidates(sources, candidates, config, "ref")
+    selection = select_triplets(sources, candidates, scores,
+                                SelectConfig(rank_by="qe", use_human_labels=False, **select),
+                                vetoes.by_candidate)
+    return vetoes, selection
+
+
+def test_with_the_guards_on_no_broken_candidate_is_chosen(tmp_path):
+    pool = _pool(tmp_path)
+    _, unguarded = _select(pool, OFF)
+    chosen = Counter(t["chosen_system"] for t in unguarded.triplets.to_pylist())
+    assert sum(chosen[s] for s in BAD) == 180  # fooled every time
+
+    vetoes, guarded = _select(pool, GuardsConfig())
+    triplets = guarded.triplets.to_pylist()
+    assert len(triplets) == 180
+    assert not {t["chosen_system"] for t in triplets} & set(BAD)
+    assert not {t["rejected_system"] for t in triplets} & set(BAD)  # off by default
+    # Every broken candidate is a dropped row naming its guard and its system.
+    rows = vetoes.dropped.table().to_pylist()
+    by_system = Counter((r["detail"].split(":")[0], r["reason"]) for r in rows)
+    assert by_system[("copy", "copy_of_source")] == 180
+    assert by_system[("cut", "length_ratio")] == 180
+    assert sum(n for (system, _), n in by_system.items() if system == "loop") == 180
+    assert {system for system, _ in by_system} == set(BAD)  # no real output vetoed
+    schema.validate(vetoes.dropped.table(), schema.DROPPED)
+
+
+def test_vetoed_candidates_may_serve_as_rejected_when_asked(tmp_path):
+    pool = _pool(tmp_path, broken=(0.01, 0.02, 0.03))  # rated lowest, where QE gets them right
+    _, by_default = _select(pool, GuardsConfig())
+    assert not {t["rejected_system"] for t in by_default.triplets.to_pylist()} & set(BAD)
+    _, asked = _select(pool, GuardsConfig(), vetoed_may_be_rejected=True)
+    triplets = asked.triplets.to_pylist()
+    assert {t["rejected_system"] for t in triplets} == {"copy"}  # the lowest of all
+    assert not {t["chosen_system"] for t in triplets} & set(BAD)
+
+
+def test_a_source_whose_choosable_candidates_are_all_vetoed_is_dropped():
+    src = "Der Zug fährt heute von Gleis sieben ab."
+    sources = pa.Table.from_pylist([{
+        "source_id": "s", "lang_pair": "de-en", "src_lang": "de", "tgt_lang": "en", "src": src,
+        "ref": None, "systems": [], "human_preferred": None, "human_dispreferred": None,
+        "human_delta": None, "duplicates": 1, "origin": "t:1"}], schema=schema.SOURCES)
+    texts = [src, "The train."[:3]]
+    candidates = pa.Table.from_pylist([
+        {"source_id": "s", "text": t, "systems": [n], "generator": None, "decoding": None}
+        for t, n in zip(texts, ("copy", "cut"), strict=True)], schema=schema.CANDIDATES)
+    scores = pa.Table.from_pylist([
+        {"source_id": "s", "text": t, "scorer": "qe", "score": v, "error_spans": None}
+        for t, v in zip(texts, (0.9, 0.8), strict=True)], schema=schema.SCORES)
+    vetoes = guards.check_candidates(sources, candidates, GuardsConfig(), "ref")
+    assert set(vetoes.by_candidate.values()) == {"copy_of_source", "length_ratio"}
+    selection = select_triplets(sources, candidates, scores, SelectConfig(rank_by="qe"),
+                                vetoes.by_candidate)
+    (drop,) = selection.dropped.to_pylist()
+    assert drop["reason"] == "all_vetoed"
+    assert drop["detail"] == ("every candidate that could be chosen was vetoed "
+                              "(copy_of_source, length_ratio)")
+
+
+# ---- each guard on hand-worked cases -----------------------------------------------------------
+
+
+def test_a_copy_is_the_source_up_to_case_punctuation_and_spacing():
+    guard = CopyGuard()
+    source = "Der Zug fährt heute von Gleis sieben ab."
+    assert guards.is_copy(source, "der zug fährt heute, von gleis sieben ab", guard)
+    assert guards.is_copy(source, "Der Zug fahrt heute von Gleis sieben ab.", guard)  # 1 edit
+    assert not guards.is_copy(source, "The train leaves from platform seven today.", guard)
+    assert not guards.is_copy("Angela Merkel", "Angela Merkel", guard)  # under min_chars
+
+
+def test_length_windows_come_from_the_config_the_references_or_the_table():
+    rows = [{"lang_pair": "de-en", "src_lang": "de", "tgt_lang": "en", "src": "x" * 20,
+             "ref": "y" * (16 + i % 9)} for i in range(60)]  # ratios 0.8 .. 1.2
+    rows += [{"lang_pair": "en-zh", "src_lang": "en", "tgt_lang": "zh", "src": "x" * 20,
+              "ref": "y" * 6}]
+    windows = guards.length_windows(rows, LengthGuard())
+    low, high = windows["de-en"]
+    assert low == pytest.approx(0.8 / 1.5) and high == pytest.approx(1.2 * 1.5)
+    assert windows["en-zh"] == guards.default_window("en", "zh") == (0.1, 1.5)  # one reference
+    configured = guards.length_windows(rows, LengthGuard(windows={"de-en": (0.5, 2.0)}))
+    assert configured["de-en"] == (0.5, 2.0)
+
+
+def test_repetition_counts_beyond_the_source_in_words_or_characters():
+    assert guards.most_repeated("a b c a b c a b c", "x", "en", 3) == ("a b c", 3)
+    # Repeated as often in the source: a translation that keeps it is not looping.
+    assert guards.most_repeated("a b c a b c a b c", "a b c a b c a b c", "en", 3)[1] == 0
+    assert guards.most_repeated("好的好的好的好的好的好的好的", "ok", "zh", 1) == ("好的", 7)
+
+
+def test_a_build_runs_the_guards_and_publishes_their_vetoes(tmp_path):
+    """chrF ranks a copy of the source last, so without the veto it would be every rejected
+    side; vetoed, it is neither side, and each veto is in the version's dropped rows."""
+    import yaml
+
+    from cpo_data import build, store
+    from cpo_data.config import load_config
+
+    rows = [json.loads(line) for line in
+            (REPO_ROOT / "data/demo/demo.jsonl").read_text().splitlines()][:20]
+    for row in rows:
+        row["copy"] = row["src"]
+    write_jsonl(tmp_path / "s.jsonl", rows)
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({
+        "sources": [{"path": "s.jsonl", "src_lang_column": "src_lang",
+                     "tgt_lang_column": "tgt_lang",
+                     "systems": {s: s for s in ("system_a", "system_b", "copy")}}],
+        "score": {"scorers": [{"name": "chrf", "kind": "chrf"}]},
+        "select": {"use_human_labels": False},
+        "publish": {"uri": "store", "name": "g"}, "work_dir": "work"}))
+    config = load_config(tmp_path / "b.yaml")
+    summary = build.run_build(config)
+    assert summary.dropped == {"copy_of_source": 20}
+    dataset = store.dataset_uri(config.publish.uri, "g")
+    triplets = store.read_triplets(dataset).to_dict("records")
+    assert len(triplets) == 20
+    assert {t["rejected_system"] for t in triplets} | {t["chosen_system"] for t in triplets} \
+        <= {"system_a", "system_b"}
+    dropped = store.read_dropped(dataset).to_dict("records")
+    assert Counter(d["reason"] for d in dropped) == {"copy_of_source": 20}
+    assert all(d["detail"].startswith("copy: ") for d in dropped)
