@@ -7,6 +7,7 @@ each veto is a row of the dropped table: its reason is the guard's name, its det
 system's candidate and why. The reference is not checked: it is the data's own translation.
 
 - `copy_of_source`: the normalised candidate is (nearly) the normalised source.
+- `off_target`: language ID (`cpo_data.langid`) names another language than the target.
 - `length_ratio`: candidate characters / source characters outside the direction's window,
   learned from the data's references where there are enough, else `default_window`.
 - `repetition`: an n-gram occurs far more often than in the source.
@@ -26,6 +27,7 @@ from cpo_data.config_guards import GuardsConfig, LengthGuard
 from cpo_data.drops import Drops
 
 COPY_OF_SOURCE = "copy_of_source"
+OFF_TARGET = "off_target"
 LENGTH_RATIO = "length_ratio"
 REPETITION = "repetition"
 
@@ -41,6 +43,10 @@ class Vetoes:
     dropped: Drops = field(default_factory=Drops)
     windows: dict[str, tuple[float, float]] = field(default_factory=dict)
     """The length window each direction was checked with."""
+    languages: frozenset[str] = frozenset()
+    """The languages `off_target` told apart."""
+    identified: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+    """Language ID of each candidate text `off_target` checks, found in one parallel batch."""
 
 
 def normalise(text: str) -> str:
@@ -126,6 +132,19 @@ def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: Gua
     by_id = {row["source_id"]: row for row in rows}
     if config.length_ratio.enabled:
         vetoes.windows = length_windows(rows, config.length_ratio)
+    if config.off_target.enabled:
+        from cpo_data import langid
+
+        vetoes.languages = langid.language_set(
+            {lang for row in rows for lang in (row["src_lang"], row["tgt_lang"])},
+            config.off_target.extra_languages)
+        texts = list(dict.fromkeys(
+            c["text"] for c in candidates.select(["source_id", "text", "systems"]).to_pylist()
+            if c["source_id"] in by_id and reference_name not in c["systems"]
+            and _checkable(c["text"], by_id[c["source_id"]]["tgt_lang"], config.off_target,
+                           vetoes.languages)))
+        vetoes.identified = dict(zip(texts, langid.identify_many(texts, vetoes.languages),
+                                     strict=True))
     for candidate in schema.validate(candidates, schema.CANDIDATES,
                                      what="candidates").to_pylist():
         if reference_name in candidate["systems"]:
@@ -133,7 +152,7 @@ def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: Gua
         source = by_id.get(candidate["source_id"])
         if source is None:
             continue
-        found = _first_veto(source, candidate["text"], config, vetoes.windows)
+        found = _first_veto(source, candidate["text"], config, vetoes)
         if found is not None:
             guard, detail = found
             vetoes.by_candidate[(source["source_id"], candidate["text"])] = guard
@@ -142,14 +161,46 @@ def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: Gua
     return vetoes
 
 
+def _checkable(text: str, target: str, guard, languages: frozenset[str]) -> bool:  # noqa: ANN001
+    """Whether language ID can judge `text`: a target it knows, and enough letters (a third as
+    many for Chinese, Japanese and Korean, whose characters carry more)."""
+    letters = sum(c.isalpha() for c in text)
+    return target in languages and letters >= (
+        -(-guard.min_letters // 3) if target in CJK else guard.min_letters)
+
+
+def off_target(text: str, target: str, guard, languages: frozenset[str],  # noqa: ANN001
+               identified: dict[str, tuple[str | None, float]] | None = None
+               ) -> tuple[str, float] | None:
+    """(language, confidence) when language ID names another language than `target` with at
+    least the guard's confidence; None otherwise, or when the text is too short to tell, or
+    the target is a language the detector does not know. `identified` holds results found
+    beforehand (`langid.identify_many`)."""
+    from cpo_data import langid
+
+    if not _checkable(text, target, guard, languages):
+        return None
+    found = (identified or {}).get(text)
+    language, confidence = found if found is not None else langid.identify(text, languages)
+    if language is None or language == target or confidence < guard.min_confidence:
+        return None
+    return language, confidence
+
+
 def _first_veto(source: dict, text: str, config: GuardsConfig,
-                windows: dict[str, tuple[float, float]]) -> tuple[str, str] | None:
+                vetoes: Vetoes) -> tuple[str, str] | None:
     src = source["src"]
     if config.copy_of_source.enabled and is_copy(src, text, config.copy_of_source):
         return COPY_OF_SOURCE, "the candidate is the source, (nearly) unchanged"
+    if config.off_target.enabled:
+        found = off_target(text, source["tgt_lang"], config.off_target, vetoes.languages,
+                           vetoes.identified)
+        if found is not None:
+            return OFF_TARGET, (f"language ID says {found[0]} ({found[1]:.2f}), not "
+                                f"{source['tgt_lang']}")
     length = config.length_ratio
     if length.enabled and len(src) >= length.min_chars:
-        low, high = windows[source["lang_pair"]]
+        low, high = vetoes.windows[source["lang_pair"]]
         ratio = len(text) / len(src)
         if not low <= ratio <= high:
             return LENGTH_RATIO, (f"{len(text)} characters for a source of {len(src)}: ratio "

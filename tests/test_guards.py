@@ -11,15 +11,16 @@ import pytest
 
 from cpo_data import guards, schema
 from cpo_data.config import GenerateConfig, GuardsConfig, ScoreConfig, SelectConfig, SourcesConfig
-from cpo_data.config_guards import CopyGuard, LengthGuard, RepetitionGuard
+from cpo_data.config_guards import CopyGuard, LengthGuard, OffTargetGuard, RepetitionGuard
 from cpo_data.generate import generate_candidates
 from cpo_data.score import ScoreResult, score_candidates
 from cpo_data.select import select_triplets
 from cpo_data.sources import load_sources
 from tests.conftest import REPO_ROOT, write_jsonl
 
-BAD = ("copy", "loop", "cut")
+BAD = ("copy", "wrong", "loop", "cut")
 OFF = GuardsConfig(copy_of_source=CopyGuard(enabled=False),
+                   off_target=OffTargetGuard(enabled=False),
                    length_ratio=LengthGuard(enabled=False),
                    repetition=RepetitionGuard(enabled=False))
 
@@ -30,7 +31,7 @@ class _FooledQE:
     name, needs_reference, higher_is_better, last_truncated = "qe", False, True, 0
     identity = {"scorer": "fooled"}
 
-    def __init__(self, texts_by_system, broken=(0.99, 0.98, 0.97)):
+    def __init__(self, texts_by_system, broken=(0.99, 0.985, 0.98, 0.97)):
         self.rank = {text: rank for system, rank in zip(BAD, broken, strict=True)
                      for text in texts_by_system[system]}
 
@@ -40,12 +41,18 @@ class _FooledQE:
                 for i in items]
 
 
-def _pool(tmp_path, broken=(0.99, 0.98, 0.97)):
-    """The demo corpus with three broken systems beside its two real ones: the source copied,
-    a real output that loops, and a real output cut to its first quarter."""
+def _pool(tmp_path, broken=(0.99, 0.985, 0.98, 0.97)):
+    """The demo corpus with four broken systems beside its two real ones: the source copied,
+    another source of the same direction (the wrong language, no copy), a real output that
+    loops, and a real output cut to its first quarter."""
     rows = [json.loads(line) for line in
             (REPO_ROOT / "data/demo/demo.jsonl").read_text().splitlines()]
+    same_direction = {}
     for row in rows:
+        same_direction.setdefault(row["src_lang"], []).append(row["src"])
+    for row in rows:
+        others = same_direction[row["src_lang"]]
+        row["wrong"] = others[(others.index(row["src"]) + 1) % len(others)]
         row["copy"] = row["src"] + " "
         row["loop"] = row["system_a"] + " " + " ".join(["and then"] * 8)
         row["cut"] = row["system_a"][: max(1, len(row["system_a"]) // 4)]
@@ -84,6 +91,7 @@ def test_with_the_guards_on_no_broken_candidate_is_chosen(tmp_path):
     rows = vetoes.dropped.table().to_pylist()
     by_system = Counter((r["detail"].split(":")[0], r["reason"]) for r in rows)
     assert by_system[("copy", "copy_of_source")] == 180
+    assert by_system[("wrong", "off_target")] == 180
     assert by_system[("cut", "length_ratio")] == 180
     assert sum(n for (system, _), n in by_system.items() if system == "loop") == 180
     assert {system for system, _ in by_system} == set(BAD)  # no real output vetoed
@@ -91,7 +99,7 @@ def test_with_the_guards_on_no_broken_candidate_is_chosen(tmp_path):
 
 
 def test_vetoed_candidates_may_serve_as_rejected_when_asked(tmp_path):
-    pool = _pool(tmp_path, broken=(0.01, 0.02, 0.03))  # rated lowest, where QE gets them right
+    pool = _pool(tmp_path, broken=(0.01, 0.015, 0.02, 0.03))  # rated lowest: QE gets them right
     _, by_default = _select(pool, GuardsConfig())
     assert not {t["rejected_system"] for t in by_default.triplets.to_pylist()} & set(BAD)
     _, asked = _select(pool, GuardsConfig(), vetoed_may_be_rejected=True)
@@ -186,3 +194,19 @@ def test_a_build_runs_the_guards_and_publishes_their_vetoes(tmp_path):
     dropped = store.read_dropped(dataset).to_dict("records")
     assert Counter(d["reason"] for d in dropped) == {"copy_of_source": 20}
     assert all(d["detail"].startswith("copy: ") for d in dropped)
+
+
+def test_off_target_needs_letters_and_confidence_in_another_language():
+    from cpo_data import langid
+
+    guard = OffTargetGuard()
+    languages = langid.language_set({"de", "en"})
+    assert {"de", "en", "fr", "zh"} <= languages
+    german = "Der Zug nach Hamburg fährt heute von Gleis sieben ab."
+    found = guards.off_target(german, "en", guard, languages)
+    assert found is not None and found[0] == "de" and found[1] >= guard.min_confidence
+    assert guards.off_target(german, "de", guard, languages) is None  # the target itself
+    assert guards.off_target("Gleis sieben.", "en", guard, languages) is None  # 12 letters
+    assert guards.off_target("1234567890 1234567890 1234567890", "en", guard,
+                             languages) is None  # digits: no language to name
+    assert guards.off_target(german, "xx", guard, languages) is None  # a target it lacks
