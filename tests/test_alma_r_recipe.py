@@ -337,8 +337,16 @@ def test_the_build_publishes_triplets_from_the_recipe_s_models(hub, built):
                                                  f"hub:{XCOMET_XXL}@{commits[XCOMET_XXL]}"]
     summary = built["summary"]
     # Per source: the reference, GPT-4's provided output and a fresh ALMA output, each scored
-    # by both COMET models; nothing dropped.
-    assert (summary.sources, summary.candidates, summary.dropped) == (10, 30, {})
+    # by both COMET models. What is dropped is only the guards' vetoes of the random-weight
+    # ALMA's outputs (random tokens in no language, or another): never the reference or GPT-4.
+    assert (summary.sources, summary.candidates) == (10, 30)
+    from cpo_data import store
+
+    dropped = store.read_dropped(built["dataset"]).to_dict("records")
+    assert set(summary.dropped) <= {"off_target", "length_ratio", "repetition",
+                                    "copy_of_source"}
+    assert sum(summary.dropped.values()) == len(dropped)
+    assert all(d["detail"].startswith("alma: ") for d in dropped)
     assert summary.generated == {"alma": 10} and summary.scored == {"kiwi": 30, "xcomet": 30}
     systems = {s for t in triplets for s in (t["chosen_system"], t["rejected_system"])}
     assert {"ref", "gpt4", "alma"} >= {p for s in systems for p in s.split("+")}
