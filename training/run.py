@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cpo_data import store
+from cpo_data.errors import UserError
 from training import distributed
 from training.config import TrainConfig
 from training.loop import TrainingError, TrainResult, train
+
+log = logging.getLogger("cpo_data.training")
 
 RUN_MANIFEST = "run_manifest.json"
 RUN_FORMAT = "cpo-data-training-run"
@@ -33,7 +37,37 @@ def load_dataset(config: TrainConfig, version: str | None = None) -> tuple[dict,
     if frame.empty:
         raise TrainingError(f"{config.dataset} version {manifest['version']}: has no triplets "
                             "to train on")
+    warning = selection_metric_warning(config, manifest)
+    if warning and distributed.is_main():
+        log.warning(warning)
     return manifest, frame[["id", "prompt", "chosen", "rejected"]].to_dict("records")
+
+
+def selection_metric_warning(config: TrainConfig, manifest: dict) -> str | None:
+    """A warning when the test set is scored with a COMET model that also selected the data:
+    selecting with a neural metric inflates that metric (and its relatives) on the model
+    trained on the selection (Kovacs et al. 2024, arXiv 2411.03524). None otherwise."""
+    from cpo_data.fingerprint import scorer_weights
+
+    scorer = config.eval.comet
+    if scorer is None or not scorer.model:
+        return None
+    provenance = manifest.get("provenance", {})
+    built = [s for s in provenance.get("config", {}).get("score", {}).get("scorers", [])
+             if s.get("kind", "comet") == "comet" and s.get("model")]
+    weights = provenance.get("scorers", [])
+    try:
+        mine = scorer_weights(scorer)
+    except UserError:  # the evaluation itself will say what is wrong with the model
+        return None
+    same = [s["name"] for s, w in zip(built, weights, strict=False)
+            if w == mine or s["model"] == scorer.model]
+    if not same:
+        return None
+    return (f"train.eval.comet ({scorer.name}: {scorer.model}) is the COMET model that "
+            f"selected this version's pairs (score.scorers {', '.join(same)}): its test-set "
+            "score will flatter the trained model; evaluate with another metric too (Kovacs "
+            "et al. 2024, arXiv 2411.03524)")
 
 
 def run_dir(config: TrainConfig, manifest: dict) -> Path:
