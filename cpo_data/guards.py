@@ -126,10 +126,14 @@ def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: Gua
                      reference_name: str) -> Vetoes:
     """Run every enabled guard on every candidate that is not the reference."""
     vetoes = Vetoes()
-    if candidates is None or not candidates.num_rows:
+    enabled = (config.copy_of_source, config.off_target, config.length_ratio, config.repetition)
+    if candidates is None or not candidates.num_rows or not any(g.enabled for g in enabled):
         return vetoes
     rows = schema.validate(sources, schema.SOURCES, what="sources").to_pylist()
     by_id = {row["source_id"]: row for row in rows}
+    checked = [(by_id[c["source_id"]], c) for c in
+               schema.validate(candidates, schema.CANDIDATES, what="candidates").to_pylist()
+               if reference_name not in c["systems"] and c["source_id"] in by_id]
     if config.length_ratio.enabled:
         vetoes.windows = length_windows(rows, config.length_ratio)
     if config.off_target.enabled:
@@ -139,19 +143,11 @@ def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: Gua
             {lang for row in rows for lang in (row["src_lang"], row["tgt_lang"])},
             config.off_target.extra_languages)
         texts = list(dict.fromkeys(
-            c["text"] for c in candidates.select(["source_id", "text", "systems"]).to_pylist()
-            if c["source_id"] in by_id and reference_name not in c["systems"]
-            and _checkable(c["text"], by_id[c["source_id"]]["tgt_lang"], config.off_target,
-                           vetoes.languages)))
+            c["text"] for source, c in checked
+            if _checkable(c["text"], source["tgt_lang"], config.off_target, vetoes.languages)))
         vetoes.identified = dict(zip(texts, langid.identify_many(texts, vetoes.languages),
                                      strict=True))
-    for candidate in schema.validate(candidates, schema.CANDIDATES,
-                                     what="candidates").to_pylist():
-        if reference_name in candidate["systems"]:
-            continue
-        source = by_id.get(candidate["source_id"])
-        if source is None:
-            continue
+    for source, candidate in checked:
         found = _first_veto(source, candidate["text"], config, vetoes)
         if found is not None:
             guard, detail = found

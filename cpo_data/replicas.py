@@ -9,7 +9,7 @@ random weights. `fake_hub_snapshot` then lays a saved folder out in the Hugging 
 
 from __future__ import annotations
 
-from cpo_data.testing import training_texts, xlmr_tokenizer
+from cpo_data.testing import save_comet_checkpoint, training_texts, xlmr_tokenizer
 
 ALMA_BASE = "haoranxu/ALMA-13B-Pretrain"
 ALMA_LORA = "haoranxu/ALMA-13B-Pretrain-LoRA"
@@ -233,9 +233,7 @@ def build_tiny_comet_replica(path, kind: str, encoder, encoder_id: str | None = 
     import json
     from pathlib import Path
 
-    import pytorch_lightning
     import torch
-    import yaml
     from comet.models import RegressionMetric, UnifiedMetric, XCOMETMetric
 
     real = REAL_COMET_HPARAMS[kind]
@@ -271,12 +269,7 @@ def build_tiny_comet_replica(path, kind: str, encoder, encoder_id: str | None = 
                "pretrained_model": encoder_id or real["pretrained_model"],
                # As the released checkpoints say; COMET's loader overrides both.
                "load_pretrained_weights": True, "local_files_only": False}
-    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-    checkpoint = path / "checkpoints" / "model.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
-                "pytorch-lightning_version": pytorch_lightning.__version__}, checkpoint)
-    (path / "hparams.yaml").write_text(yaml.safe_dump(hparams))
-    return checkpoint
+    return save_comet_checkpoint(model, hparams, path)
 
 
 def fake_hub_snapshot(cache_root, repo_id: str, folder, commit: str | None = None):

@@ -257,9 +257,7 @@ def build_tiny_comet(path, kind: str = "kiwi", seed: int = 0, max_tokens: int = 
     """
     from pathlib import Path
 
-    import pytorch_lightning
     import torch
-    import yaml
     from comet.models import UnifiedMetric, XCOMETMetric
 
     path = Path(path)
@@ -282,8 +280,20 @@ def build_tiny_comet(path, kind: str = "kiwi", seed: int = 0, max_tokens: int = 
     with torch.no_grad():
         for parameter in model.estimator.parameters():
             parameter.mul_(8.0)
-    hparams = dict(model.hparams)
-    hparams["class_identifier"] = identifier
+    return save_comet_checkpoint(model, {**dict(model.hparams), "class_identifier": identifier},
+                                 path)
+
+
+def save_comet_checkpoint(model, hparams: dict, path):
+    """`model` as COMET saves one: `checkpoints/model.ckpt` (a Lightning checkpoint holding the
+    weights and `hparams`) and `hparams.yaml` beside it; returns the checkpoint's path."""
+    from pathlib import Path
+
+    import pytorch_lightning
+    import torch
+    import yaml
+
+    path = Path(path)
     (path / "checkpoints").mkdir(parents=True, exist_ok=True)
     checkpoint = path / "checkpoints" / "model.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,

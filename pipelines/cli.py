@@ -82,15 +82,13 @@ def _cmd_check(args: argparse.Namespace) -> None:
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
-    from cpo_data.preflight import build_needs, download
+    from cpo_data.preflight import download
     from pipelines.project import load_project
-    from training.config import train_needs
 
     project = load_project(args.config)
-    needs = (build_needs(project.build) if project.build else []) + (
-        train_needs(project.train) if project.train else [])
     print(f"==> download {args.config} into the Hugging Face cache")
-    report = download(needs, progress=lambda line: print(f"==> {line}", flush=True))
+    report = download(project.needs(),
+                      progress=lambda line: print(f"==> {line}", flush=True))
     print_preflight(report)
     if not report.ok:
         raise UserError(f"{args.config}: {len(report.problems)} problem(s) (listed above)")
@@ -196,17 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("config", help="config (YAML) with publish, train and deploy sections")
     serve.set_defaults(run=_cmd_serve)
 
-    check = commands.add_parser(
-        "check", help="check, before any work, every file and model the config's build and "
-        "training read (hub ids: commit, gated, licence, size); exit 2 on any problem")
-    check.add_argument("config", help="config (YAML), e.g. configs/alma-r.yaml")
-    check.set_defaults(run=_cmd_check)
-
-    download = commands.add_parser(
-        "download", help="fetch every hub model the config's build and training read (COMET "
-        "encoders included) into the Hugging Face cache, for a machine without network")
-    download.add_argument("config", help="config (YAML), e.g. configs/alma-r.yaml")
-    download.set_defaults(run=_cmd_download)
+    for name, run, what in (
+            ("check", _cmd_check, "check, before any work, every file and model the config's "
+             "build and training read (hub ids: commit, gated, licence, size); exit 2 on any "
+             "problem"),
+            ("download", _cmd_download, "fetch every hub model the config's build and "
+             "training read (COMET encoders included) into the Hugging Face cache, for a "
+             "machine without network")):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("config", help="config (YAML), e.g. configs/alma-r.yaml")
+        command.set_defaults(run=run)
 
     demo = commands.add_parser("demo", help="run the offline demo on the demo corpus")
     demo.add_argument("--store", help="store URI to publish into (default: .cpo-data/store)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from cpo_data.config import BuildConfig
 from cpo_data.fields import ConfigError
 from cpo_data.preflight import (
+    Need,
     PreflightError,
     Report,
     build_needs,
@@ -52,16 +53,20 @@ class Project:
             raise ConfigError(f"{self.file.path}: train: the file has no train section")
         return self.train
 
-    def preflight(self, build: bool = True, train: bool = True) -> Report:
+    def needs(self, build: bool = True, train: bool = True) -> list[Need]:
         """Every file and model the build and the training (those asked for, where the file
-        has them) will read, resolved once; see `cpo_data.preflight`."""
+        has them) will read."""
+        needs = build_needs(self.build) if build and self.build else []
+        return needs + (train_needs(self.train) if train and self.train else [])
+
+    def preflight(self, build: bool = True, train: bool = True) -> Report:
+        """`needs`, resolved once, with the COMET dtype checks and the memory plan; see
+        `cpo_data.preflight`."""
         from cpo_data.memory_plan import plan
 
         build_config = self.build if build else None
         train_config = self.train if train else None
-        needs = build_needs(build_config) if build_config else []
-        needs += train_needs(train_config) if train_config else []
-        report = check(needs)
+        report = check(self.needs(build, train))
         scorers = [(f"score.scorers[{i}]", s) for i, s in
                    enumerate(build_config.score.scorers if build_config else ())]
         if train_config is not None and train_config.eval.comet is not None:
