@@ -240,24 +240,12 @@ def _gated(name: str, licence: str | None) -> str:
 
 
 def _comet_encoder(need: Need) -> Need | None:
-    """The encoder repo a COMET model's hparams.yaml names, as a need of its own."""
-    import yaml
+    """The encoder repo a COMET model's hparams.yaml names, as a need of its own (None where
+    the hparams cannot be read: the model's own line says why)."""
+    from cpo_data.config_score import comet_hparams
 
-    from cpo_data.fingerprint import comet_folder, hub_file
-
-    if _is_local(need.name):
-        hparams = Path(comet_folder(need.name)).expanduser() / "hparams.yaml"
-    else:
-        try:
-            hparams = hub_file(need.name, need.revision, "hparams.yaml")
-        except UserError:  # unreachable or gated: the model's own line says so
-            return None
-    if hparams is None or not hparams.exists():
-        return None
-    encoder = (yaml.safe_load(hparams.read_text()) or {}).get("pretrained_model")
-    if not encoder:
-        return None
-    return Need(f"{need.key} (its encoder)", "comet encoder", str(encoder))
+    encoder = (comet_hparams(need.name, download=True) or {}).get("pretrained_model")
+    return Need(f"{need.key} (its encoder)", "comet encoder", str(encoder)) if encoder else None
 
 
 def _resolve(need: Need, found: Found, offline: bool) -> list[str]:
