@@ -210,3 +210,19 @@ def test_off_target_needs_letters_and_confidence_in_another_language():
     assert guards.off_target("1234567890 1234567890 1234567890", "en", guard,
                              languages) is None  # digits: no language to name
     assert guards.off_target(german, "xx", guard, languages) is None  # a target it lacks
+
+
+def test_the_reference_is_not_checked():
+    """The data's own translation is not vetoed, even where it looks like a copy (names,
+    titles): only systems' outputs are judged."""
+    src = "Berliner Philharmoniker, Sinfonie Nr. 9"
+    sources = pa.Table.from_pylist([{
+        "source_id": "s", "lang_pair": "de-en", "src_lang": "de", "tgt_lang": "en", "src": src,
+        "ref": src, "systems": [], "human_preferred": None, "human_dispreferred": None,
+        "human_delta": None, "duplicates": 1, "origin": "t:1"}], schema=schema.SOURCES)
+    candidates = pa.Table.from_pylist([
+        {"source_id": "s", "text": src, "systems": systems, "generator": None, "decoding": None}
+        for systems in (["ref"],)], schema=schema.CANDIDATES)
+    assert guards.check_candidates(sources, candidates, GuardsConfig(), "ref").by_candidate == {}
+    renamed = guards.check_candidates(sources, candidates, GuardsConfig(), "human")
+    assert renamed.by_candidate == {("s", src): "copy_of_source"}  # not the reference now
