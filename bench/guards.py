@@ -13,6 +13,7 @@ that loads the models; the guards' own seconds are timed inside
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -29,14 +30,15 @@ import yaml  # noqa: E402
 
 from cpo_data import build, guards  # noqa: E402
 from cpo_data.config import load_config  # noqa: E402
+from cpo_data.config_guards import GuardsConfig  # noqa: E402
 from cpo_data.testing import build_tiny_causal_lm, build_tiny_comet  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_build", Path(__file__).with_name("build.py"))
 bench_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_build)
 
-OFF = {name: {"enabled": False} for name in ("copy_of_source", "off_target", "length_ratio",
-                                             "repetition")}
+# Every guard GuardsConfig has, so that a guard added later is off here too.
+OFF = {guard.name: {"enabled": False} for guard in dataclasses.fields(GuardsConfig)}
 
 
 def main() -> None:

@@ -89,9 +89,12 @@ def _digest(value: Any) -> str:
 
 def shard_key(stage: str, shard: pa.Table, inputs: list[Any]) -> str:
     """Content key of one shard's work: its rows, what decides the stage's outputs (`inputs`,
-    from `stage_inputs`) and the table schema. Run ids play no part, so a rerun finds finished
+    from `stage_inputs`) and the schemas of the tables a shard hands on, written out in full:
+    SCHEMA_VERSION counts published columns, and a column added to the candidates alone must
+    not find a shard cached without it. Run ids play no part, so a rerun finds finished
     shards; batch sizes, budgets and devices play none either."""
-    return f"{stage}-" + _digest([schema.SCHEMA_VERSION, __version__, shard.to_pylist(),
+    tables = [str(t) for t in (schema.CANDIDATES, schema.SCORES, schema.DROPPED)]
+    return f"{stage}-" + _digest([schema.SCHEMA_VERSION, tables, __version__, shard.to_pylist(),
                                   inputs])[:40]
 
 
@@ -163,6 +166,13 @@ class BuildSummary:
     candidates: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     """Dropped rows per reason, all stages."""
+    vetoed: dict[str, int] = field(default_factory=dict)
+    """Candidates per guard that vetoed them (also among `dropped`)."""
+    guarded: int = 0
+    """Candidates the guards checked (every one but the reference's)."""
+    min_margin: float = 0.0
+    """The smallest margin a pair was kept with: `select.min_margin`, else the ranking
+    score's noise threshold."""
     lang_pairs: dict[str, int] = field(default_factory=dict)
     systems: list[dict] = field(default_factory=list)
     """Per system: chosen and rejected counts (ALMA-R's Table 2)."""
@@ -307,8 +317,9 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
     candidates = pa.concat_tables(run.candidates) if run.candidates else None
     scores = _scores_for_selection(config, run.loaded.scores, run.scores)
     vetoes = guards.check_candidates(run.loaded.table, candidates, config.guards,
-                                     config.generate.reference_name)
-    selection = select.select_triplets(run.loaded.table, candidates, scores, config.selection,
+                                     config.generate.reference_name, scores)
+    rules = config.selection
+    selection = select.select_triplets(run.loaded.table, candidates, scores, rules,
                                        vetoes.by_candidate)
     dropped = pa.concat_tables([*run.dropped, vetoes.dropped.table(), selection.dropped])
     provenance = {
@@ -322,6 +333,10 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
         "ingestion": summary.ingestion,
         "truncated": summary.truncated,
         "length_windows": vetoes.windows,
+        "vetoes": vetoes.dropped.counts(),
+        "guarded": vetoes.checked,
+        "min_margin": rules.margin_floor,
+        "noise_thresholds": rules.noise_thresholds,
     }
     _compare_with_previous(summary, run)
     summary.version = store.publish_triplets(selection.triplets, config.publish.uri,
@@ -329,6 +344,8 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
     summary.triplets = selection.triplets.num_rows
     summary.candidates = candidates.num_rows if candidates is not None else 0
     summary.dropped = dict(Counter(dropped.column("reason").to_pylist()))
+    summary.vetoed, summary.guarded = vetoes.dropped.counts(), vetoes.checked
+    summary.min_margin = rules.margin_floor
     summary.lang_pairs = dict(Counter(selection.triplets.column("lang_pair").to_pylist()))
     summary.systems = select.system_counts(selection.report)
     if selection.report.agreement.labelled:

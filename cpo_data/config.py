@@ -35,6 +35,7 @@ from cpo_data.fields import (
     _fail,
 )
 from cpo_data.fields import ConfigError as ConfigError  # its documented home is here too
+from cpo_data.noise import noise_thresholds
 
 ALMA_PROMPT = "Translate this from {Src} to {Tgt}:\n{Src}: {src}\n{Tgt}:"
 """ALMA's prompt; {Src}/{Tgt} are English language names, the target follows the colon."""
@@ -202,6 +203,9 @@ class GenerateConfig:
             _fail("reference_name", f"{self.reference_name!r} is also a model's name")
 
 
+PAIR_MODES = ("best_vs_worst", "best_vs_each", "all_above_margin")
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """How chosen/rejected pairs are picked and how their prompt is written."""
@@ -214,10 +218,30 @@ class SelectConfig:
     """Score that ranks candidates (a scorer or ensemble name). In a build, null picks the only
     ensemble, else the only scorer; given to `select_triplets`, null means nothing was scored,
     so only human labels make pairs."""
-    min_margin: float = 0.0
-    """Pairs whose chosen score exceeds the rejected one by less than this are dropped."""
-    pairs_per_source: int = 1
-    """1: best against worst (ALMA-R); n: best against each of the n worst candidates."""
+    min_margin: float | None = None
+    """Pairs whose chosen score exceeds the rejected one by less than this are dropped
+    (`within_noise`); null: the ranking score's noise threshold (`noise_thresholds`), 0 for a
+    score that has none."""
+    noise_thresholds: dict[str, float] = field(default_factory=dict)
+    """Per score name, the smallest difference that is not noise. A build adds the published
+    ones (`cpo_data.noise`: KIWI-XXL and XCOMET-XXL 0.0124, KIWI-22 0.0053, COMET-22 0.0056,
+    an ensemble the largest of its members') under those given here. The ranking score's is
+    the default `min_margin` and the unit of each triplet's `confidence`."""
+    agreement: bool = True
+    """With several scores, keep a pair only where every one of `agreement_scores` puts the
+    chosen side strictly above the rejected one (`scorers_disagree` otherwise)."""
+    agreement_scores: tuple[str, ...] | None = None
+    """The scores `agreement` consults; null: every score both sides carry."""
+    pairs: str = "best_vs_worst"
+    """best_vs_worst (ALMA-R): the best against the worst; best_vs_each: the best against
+    every candidate at least `min_margin` below it; all_above_margin: every two candidates
+    at least `min_margin` apart, the better one chosen."""
+    pairs_per_source: int | None = None
+    """At most this many pairs per source (best_vs_each, all_above_margin), largest margin
+    first; null: no limit."""
+    lower_is_better: tuple[str, ...] = ()
+    """Scores where lower is better (TER): ranked, compared and given margins the other way
+    round. A build adds its TER scorers."""
     reference_may_be_chosen: bool = True
     """Whether the reference, when it is a candidate, may be the chosen side."""
     reference_may_be_rejected: bool = True
@@ -233,9 +257,28 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         _check_prompt("prompt_template", self.prompt_template)
-        if self.min_margin < 0 or not math.isfinite(self.min_margin):
+        if self.min_margin is not None and not 0 <= self.min_margin < math.inf:
             _fail("min_margin", f"must be a finite number >= 0, got {self.min_margin}")
-        _check_at_least(self, 1, "pairs_per_source")
+        for name, threshold in self.noise_thresholds.items():
+            if not 0 <= threshold < math.inf:
+                _fail(f"noise_thresholds.{name}", f"must be a finite number >= 0, got "
+                      f"{threshold}")
+        _check_choice("pairs", self.pairs, PAIR_MODES)
+        if self.pairs_per_source is not None:
+            _check_at_least(self, 1, "pairs_per_source")
+            if self.pairs == "best_vs_worst" and self.pairs_per_source > 1:
+                _fail("pairs_per_source", f"best_vs_worst makes one pair per source; for up to "
+                      f"{self.pairs_per_source}, set pairs: best_vs_each (the best against "
+                      "each worse candidate, worst first) or all_above_margin")
+        if self.agreement_scores is not None and not self.agreement_scores:
+            _fail("agreement_scores", "name at least one score, or null for all of them")
+
+    @property
+    def margin_floor(self) -> float:
+        """The smallest margin a pair may have: `min_margin`, else the ranking score's noise."""
+        if self.min_margin is not None:
+            return self.min_margin
+        return self.noise_thresholds.get(self.rank_by, 0.0) if self.rank_by else 0.0
 
 
 @dataclass(frozen=True)
@@ -321,6 +364,15 @@ class BuildConfig:
         if self.select.rank_by is not None and self.select.rank_by not in known:
             _fail("select.rank_by", f"{self.select.rank_by!r} is not a scorer or ensemble, "
                   f"nor a score the sources carry ({known})")
+        for key in ("agreement_scores", "noise_thresholds"):
+            unknown = [n for n in getattr(self.select, key) or () if n not in known]
+            if unknown:
+                _fail(f"select.{key}", f"{unknown} are not scores of this build ({known})")
+        spans = [n for n in self.guards.critical_error.scorers
+                 if n not in {s.name for s in self.score.scorers}]
+        if spans:
+            _fail("guards.critical_error.scorers", f"{spans} are not scorers of this build "
+                  f"({[s.name for s in self.score.scorers]})")
         if self.select.exclude_systems and self.rank_by is None:
             _fail("select.exclude_systems", "only applies when candidates are ranked by a score")
         if self.score.scorers and self.rank_by is None:
@@ -338,10 +390,18 @@ class BuildConfig:
 
     @property
     def selection(self) -> SelectConfig:
-        """`select` with everything selection needs filled in: the resolved `rank_by` and the
-        reference's name from `generate`."""
+        """`select` with everything selection needs filled in: the resolved `rank_by`, the
+        reference's name from `generate`, and the published noise thresholds of the build's
+        scores under those the config gives."""
+        thresholds = noise_thresholds(self.score, self.carried_scores)
         return dataclasses.replace(self.select, rank_by=self.rank_by,
-                                   reference_name=self.generate.reference_name)
+                                   reference_name=self.generate.reference_name,
+                                   noise_thresholds={**thresholds,
+                                                     **self.select.noise_thresholds},
+                                   lower_is_better=tuple(dict.fromkeys(
+                                       [*self.select.lower_is_better,
+                                        *(s.name for s in self.score.scorers
+                                          if not s.higher_is_better)])))
 
     @property
     def rank_by(self) -> str | None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cpo_data.fields import _check_at_least, _fail
+from cpo_data.fields import _check_at_least, _check_choice, _fail
+
+SEVERITIES = ("minor", "major", "critical")
+"""XCOMET's error-span severities, least severe first."""
 
 
 @dataclass(frozen=True)
@@ -97,11 +100,45 @@ class RepetitionGuard:
 
 
 @dataclass(frozen=True)
+class TruncatedGuard:
+    """`truncated_generation`: the generator stopped at `max_new_tokens` without ending the
+    translation (no end-of-sequence token): the text is cut, however fluent its start reads to
+    QE. Provided outputs, and generations cached before the flag existed, are not checked."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class CriticalErrorGuard:
+    """`critical_error`: a scorer with error spans (XCOMET) found a critical error in the
+    candidate, which its sentence score can still rank first (one wrong number, one dropped
+    negation in a fluent sentence). Only the chosen side is vetoed: as the rejected side the
+    candidate shows exactly what not to write (`cpo_data.guards.CHOSEN_ONLY`)."""
+
+    enabled: bool = True
+    min_severity: str = "critical"
+    """The least severe span that vetoes: minor, major or critical."""
+    min_confidence: float = 0.0
+    """A span vetoes only with at least this confidence (0-1); 0: every span of that
+    severity."""
+    scorers: tuple[str, ...] = ()
+    """The scorers whose spans count (score names); empty: every scorer that gives spans."""
+
+    def __post_init__(self) -> None:
+        _check_choice("min_severity", self.min_severity, SEVERITIES)
+        if not 0 <= self.min_confidence <= 1:
+            _fail("min_confidence", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class GuardsConfig:
     """Checks that veto a candidate before ranking, whatever its score. A vetoed candidate is
-    never chosen; `select.vetoed_may_be_rejected` lets it serve as the rejected side."""
+    never chosen; `select.vetoed_may_be_rejected` lets it serve as the rejected side, which a
+    `critical_error` veto always may."""
 
     copy_of_source: CopyGuard = field(default_factory=CopyGuard)
     off_target: OffTargetGuard = field(default_factory=OffTargetGuard)
     length_ratio: LengthGuard = field(default_factory=LengthGuard)
     repetition: RepetitionGuard = field(default_factory=RepetitionGuard)
+    truncated_generation: TruncatedGuard = field(default_factory=TruncatedGuard)
+    critical_error: CriticalErrorGuard = field(default_factory=CriticalErrorGuard)

@@ -4,9 +4,12 @@ The provided outputs are those of `provided_systems`, and on a row with a human 
 labelled outputs (so that both sides of a labelled pair are scored).
 
 Identical texts for one source collapse into one row listing every system that produced it; an
-empty output is dropped with the reason `empty_output`. With a cache, a generator runs only for
-sources it has not translated before under the same identity (model weights, adapter, decoding,
-prompt), so adding sources to a build generates only for the new ones.
+empty output is dropped with the reason `empty_output`. A row says whether the text is a
+generation cut at `max_new_tokens` (`stopped_at_limit`): only when every generator that gave it
+stopped there and no provided system gave it, since one finished output of the same text shows
+the text is whole. With a cache, a generator runs only for sources it has not translated
+before under the same identity (model weights, adapter, decoding, prompt), so adding sources
+to a build generates only for the new ones.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class Generated:
     texts: list[str]
     truncated: bool = False
     """The source was longer than the model allows and was cut."""
+    stopped_at_limit: list[bool] | None = None
+    """Per text: the generation ran to `max_new_tokens` without ending. None: not known (a
+    generator that does not say, or a cache entry written before the flag existed)."""
 
 
 class Generator(Protocol):
@@ -106,8 +112,9 @@ def _run_generator(generator: Generator, requests: list[Request], cache_dir: str
     cache = open_cache(cache_dir, "generate", generator.identity) if cache_dir else None
     results, generated = cached_compute(
         cache, requests, request_key, generator.generate,
-        to_json=lambda g: {"texts": g.texts, "truncated": g.truncated},
-        from_json=lambda value: Generated(**value),
+        to_json=lambda g: {"texts": g.texts, "truncated": g.truncated,
+                           "stopped_at_limit": g.stopped_at_limit},
+        from_json=lambda value: Generated(**value),  # older entries lack stopped_at_limit
     )
     report.generated[name] = generated
     report.from_cache[name] = len(requests) - generated
@@ -116,6 +123,24 @@ def _run_generator(generator: Generator, requests: list[Request], cache_dir: str
         log.warning("%s: %d of %d sources were longer than the model allows and were truncated",
                     name, report.truncated[name], len(results))
     return results
+
+
+PROVIDED = "provided"
+"""What a provided output says about stopping at the limit: it is a finished text."""
+
+
+def stopped_at_limit(said: list[bool | str | None]) -> bool | None:
+    """Whether a candidate text is a generation cut at `max_new_tokens`, from what each output of
+    that text said: `PROVIDED`, or a generator's flag (True, False, None: not known). True only
+    if every generator that gave it stopped at the limit and no provided system gave it. None
+    for a text only provided systems gave (nothing to check), and for one that no output shows
+    finished but a generator gave without saying."""
+    generated = [flag for flag in said if flag != PROVIDED]
+    if not generated:
+        return None
+    if PROVIDED in said or False in generated:
+        return False
+    return True if all(generated) else None
 
 
 def provided_systems(sources: pa.Table, config: GenerateConfig) -> set[str]:
@@ -147,8 +172,12 @@ def generate_candidates(
     by_source: dict[str, dict[str, dict]] = {row["source_id"]: {} for row in rows}
     dropped = Drops()
 
+    # (source_id, text) -> what each output of that text said about stopping at the limit.
+    stops: dict[tuple[str, str], list[bool | str | None]] = {}
+
     def add(row: dict, system: str, text: str | None, generator: str | None,
-            decoding: str | None, index: int = 0) -> bool:
+            decoding: str | None, index: int = 0,
+            stopped: bool | str | None = PROVIDED) -> bool:
         """Add one output; False when it was empty and dropped."""
         text = (text or "").strip()
         if not text:
@@ -156,6 +185,7 @@ def generate_candidates(
                         f"{system} candidate {index}")
             return False
         texts = by_source[row["source_id"]]
+        stops.setdefault((row["source_id"], text), []).append(stopped)
         if text in texts:
             report.merged_duplicates += 1
             if system not in texts[text]["systems"]:
@@ -190,13 +220,15 @@ def generate_candidates(
         key = identity_key(generator.identity)
         results = _run_generator(generator, requests, config.cache_dir, report)
         for row, result in zip(rows, results, strict=True):
-            for index, text in enumerate(result.texts):
-                add(row, generator.name, text, key, decoding, index)
+            flags = result.stopped_at_limit or [None] * len(result.texts)
+            for index, (text, stopped) in enumerate(zip(result.texts, flags, strict=True)):
+                add(row, generator.name, text, key, decoding, index, stopped)
 
-    table = pa.Table.from_pylist(
-        [candidate for texts in by_source.values() for candidate in texts.values()],
-        schema=schema.CANDIDATES,
-    )
+    candidates = [candidate for texts in by_source.values() for candidate in texts.values()]
+    for candidate in candidates:
+        candidate["stopped_at_limit"] = stopped_at_limit(
+            stops[(candidate["source_id"], candidate["text"])])
+    table = pa.Table.from_pylist(candidates, schema=schema.CANDIDATES)
     report.candidates = table.num_rows
     report.empty_outputs = dropped.counts().get(EMPTY_OUTPUT, 0)
     return Candidates(table=table, dropped=dropped.table(), report=report)

@@ -11,11 +11,12 @@ import pyarrow as pa
 
 from cpo_data.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped whenever a column is added, removed, renamed or retyped.
 
 2: `chosen_scores` / `rejected_scores` entries gained `error_spans` (XCOMET's, null for other
-scorers). The store reads version-1 datasets by adding that field as null (`store.py`)."""
+scorers). 3: triplets gained `confidence`. The store reads older datasets by adding what they
+lack as null (`store.py`)."""
 
 SYSTEM_OUTPUT = pa.struct([("system", pa.string()), ("text", pa.string())])
 ERROR_SPAN = pa.struct(
@@ -63,6 +64,9 @@ CANDIDATES = pa.schema(
         pa.field("systems", pa.list_(pa.string()), nullable=False),
         pa.field("generator", pa.string()),
         pa.field("decoding", pa.string()),  # JSON of the decoding parameters, null if provided
+        # The generation ran to max_new_tokens without ending (`generate.stopped_at_limit`);
+        # null for provided outputs and where the generator did not say.
+        pa.field("stopped_at_limit", pa.bool_()),
     ]
 )
 
@@ -92,6 +96,8 @@ TRIPLETS = pa.schema(
         pa.field("chosen_score", pa.float64()),
         pa.field("rejected_score", pa.float64()),
         pa.field("margin", pa.float64()),
+        # The margin in units of the ranking score's noise threshold; null where it has none.
+        pa.field("confidence", pa.float64()),
         pa.field("chosen_scores", pa.list_(SCORER_SCORE), nullable=False),
         pa.field("rejected_scores", pa.list_(SCORER_SCORE), nullable=False),
         pa.field("selected_by", pa.string(), nullable=False),  # "score" or "human_label"

@@ -1,9 +1,12 @@
 """Pick chosen/rejected pairs per source and write their prompt.
 
 Per source, candidates are ranked by one score (`rank_by`): chosen = the best, rejected = the
-worst, the middle ones left out (ALMA-R's rule); with `pairs_per_source: n`, the best is paired
-with each of the n worst instead. Sources with a human preference (ALMA-R's `Delta`) take it over
-the scores when `use_human_labels` is on.
+worst, the middle ones left out (ALMA-R's rule, `pairs: best_vs_worst`); `best_vs_each` pairs
+the best with every worse candidate, `all_above_margin` every two candidates. A pair is kept
+when its margin reaches `min_margin` (by default the ranking score's noise threshold,
+`cpo_data.noise`) and, with `agreement`, every score orders its sides the same way. Sources
+with a human preference (ALMA-R's `Delta`) take it over the scores when `use_human_labels` is
+on.
 
 Ties: candidates with equal scores keep the order of the candidates table (the reference first,
 then provided systems in the order the sources list them, then generated candidates in model
@@ -20,8 +23,9 @@ Drop reasons (the `dropped` table; one row per left-out source, pair or unranked
 `no_human_label` (labels only, nothing scored), `identical_texts` (the two sides are the same
 text), `no_candidate`, `single_candidate` (fewer than two candidates to pair, after exclusions
 and reference rules), `score_missing` (a candidate without the ranking score: the scoring stage
-dropped it), `tied_scores`, `margin_below_min`, `all_vetoed` (every candidate that could be
-chosen was vetoed by a guard, `cpo_data.guards`, whose vetoes are dropped rows of their own).
+dropped it), `tied_scores`, `within_noise` and `scorers_disagree` (one row per source that
+lost pairs so, counting them), `all_vetoed` (every candidate that could be chosen was vetoed by
+a guard, `cpo_data.guards`, whose vetoes are dropped rows of their own).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import pyarrow.compute as pc
 from cpo_data import schema
 from cpo_data.config import REFERENCE_NAME, SelectConfig
 from cpo_data.drops import Drops
+from cpo_data.guards import CHOSEN_ONLY
 from cpo_data.langs import language_name
 
 NO_HUMAN_LABEL = "no_human_label"
@@ -45,7 +50,8 @@ NO_CANDIDATE = "no_candidate"
 SINGLE_CANDIDATE = "single_candidate"
 SCORE_MISSING = "score_missing"
 TIED_SCORES = "tied_scores"
-MARGIN_BELOW_MIN = "margin_below_min"
+WITHIN_NOISE = "within_noise"
+SCORERS_DISAGREE = "scorers_disagree"
 ALL_VETOED = "all_vetoed"
 
 
@@ -193,6 +199,26 @@ class _Builder:
             entry["error_spans"] = spans
         self.span_slots = []
 
+    def value(self, candidate: _Candidate, score: str) -> float:
+        """The candidate's `score`, negated where lower is better: higher always ranks first."""
+        raw = candidate.scores[score]
+        return -raw if score in self.config.lower_is_better else raw
+
+    def disagreeing_score(self, chosen: _Candidate, rejected: _Candidate) -> str | None:
+        """With `agreement` on, the first score that does not put `chosen` strictly above
+        `rejected`, said in words; None when they all do, or agreement is off."""
+        config = self.config
+        if not config.agreement:
+            return None
+        names = config.agreement_scores or sorted(set(chosen.scores) & set(rejected.scores))
+        for name in names:
+            if name not in chosen.scores or name not in rejected.scores:
+                return f"no {name} score on both sides"
+            if self.value(chosen, name) <= self.value(rejected, name):
+                return (f"{name} says {chosen.scores[name]:.4g} vs "
+                        f"{rejected.scores[name]:.4g}")
+        return None
+
     def drop(self, source: dict, reason: str, detail: str | None) -> None:
         self.dropped.add(source["source_id"], source["lang_pair"], reason, detail)
 
@@ -200,8 +226,11 @@ class _Builder:
              selected_by: str) -> None:
         chosen_score = chosen.scores.get(self.rank_by) if self.rank_by else None
         rejected_score = rejected.scores.get(self.rank_by) if self.rank_by else None
-        margin = (chosen_score - rejected_score
-                  if chosen_score is not None and rejected_score is not None else None)
+        margin = None
+        if chosen_score is not None and rejected_score is not None:
+            margin = self.value(chosen, self.rank_by) - self.value(rejected, self.rank_by)
+        noise = self.config.noise_thresholds.get(self.rank_by) if self.rank_by else None
+        confidence = margin / noise if margin is not None and noise else None
         self.triplets.append({
             "id": triplet_id(source["source_id"], chosen.text, rejected.text),
             "source_id": source["source_id"],
@@ -218,6 +247,7 @@ class _Builder:
             "chosen_score": chosen_score,
             "rejected_score": rejected_score,
             "margin": margin,
+            "confidence": confidence,
             "chosen_scores": self.score_list(source["source_id"], chosen),
             "rejected_scores": self.score_list(source["source_id"], rejected),
             "selected_by": selected_by,
@@ -333,46 +363,86 @@ def _pair_by_score(builder: _Builder, source: dict, candidates: list[_Candidate]
     def is_reference(candidate: _Candidate) -> bool:
         return reference_name in candidate.systems
 
-    def is_vetoed(candidate: _Candidate) -> bool:
-        return (source["source_id"], candidate.text) in vetoed
+    def veto(candidate: _Candidate) -> str | None:
+        return vetoed.get((source["source_id"], candidate.text))
 
-    best_first = sorted(ranked, key=lambda c: (-c.scores[rank_by], c.index))
+    def may_reject(candidate: _Candidate) -> bool:
+        guard = veto(candidate)
+        return ((config.reference_may_be_rejected or not is_reference(candidate))
+                and (guard is None or guard in CHOSEN_ONLY or config.vetoed_may_be_rejected))
+
+    value = builder.value
+    best_first = sorted(ranked, key=lambda c: (-value(c, rank_by), c.index))
     choosable = [c for c in best_first
-                 if (config.reference_may_be_chosen or not is_reference(c)) and not is_vetoed(c)]
+                 if (config.reference_may_be_chosen or not is_reference(c)) and veto(c) is None]
     if not choosable:
-        if any(is_vetoed(c) for c in ranked):
-            guards = sorted({vetoed[(source["source_id"], c.text)] for c in ranked
-                             if is_vetoed(c)})
+        guards = sorted({g for g in map(veto, ranked) if g is not None})
+        if guards:
             builder.drop(source, ALL_VETOED, f"every candidate that could be chosen was "
                          f"vetoed ({', '.join(guards)})")
         else:
             builder.drop(source, SINGLE_CANDIDATE, "only the reference, which may not be "
                          "chosen")
         return
-    chosen = choosable[0]
-    best = chosen.scores[rank_by]
-    rejectable = [c for c in sorted(ranked, key=lambda c: (c.scores[rank_by], c.index))
-                  if c is not chosen
-                  and (config.reference_may_be_rejected or not is_reference(c))
-                  and (config.vetoed_may_be_rejected or not is_vetoed(c))]
-    if not rejectable:
-        builder.drop(source, SINGLE_CANDIDATE,
-                     f"only {'+'.join(chosen.systems)} and candidates that may not be rejected "
-                     "(the reference, or vetoed ones)")
+    rejectable = [c for c in reversed(best_first) if may_reject(c)]
+    if config.pairs != "all_above_margin":
+        choosable = choosable[:1]  # the best only
+    candidates_pairs = sorted(
+        ((chosen, rejected) for chosen in choosable for rejected in rejectable
+         if value(rejected, rank_by) < value(chosen, rank_by)),
+        key=lambda pair: (value(pair[1], rank_by) - value(pair[0], rank_by), pair[0].index,
+                          pair[1].index))  # largest margin first, then table order
+    if not candidates_pairs:
+        _drop_unpairable(builder, source, choosable[0], rejectable, rank_by)
         return
-    worse = [c for c in rejectable if c.scores[rank_by] < best]
-    if not worse:
-        builder.drop(source, TIED_SCORES, f"{len(rejectable) + 1} candidates tie at "
-                     f"{rank_by} {best:.4g}")
-        return
-    for rejected in worse[: config.pairs_per_source]:
-        margin = best - rejected.scores[rank_by]
-        if margin < config.min_margin:
-            builder.drop(source, MARGIN_BELOW_MIN,
-                         f"{'+'.join(chosen.systems)} vs {'+'.join(rejected.systems)}: "
-                         f"{rank_by} margin {margin:.4g} < {config.min_margin:g}")
-            continue
+    if config.pairs == "best_vs_worst":
+        candidates_pairs = candidates_pairs[:1]
+    floor = config.margin_floor
+    kept, noisy, disagreeing = [], [], []
+    for chosen, rejected in candidates_pairs:
+        margin = value(chosen, rank_by) - value(rejected, rank_by)
+        if margin < floor:
+            noisy.append((chosen, rejected, margin))
+        elif (against := builder.disagreeing_score(chosen, rejected)) is not None:
+            disagreeing.append((chosen, rejected, against))
+        else:
+            kept.append((chosen, rejected))
+    if noisy:
+        chosen, rejected, margin = noisy[0]
+        builder.drop(source, WITHIN_NOISE, f"{_count_pairs(noisy)}, the widest "
+                     f"{_names(chosen)} vs {_names(rejected)}: {rank_by} margin {margin:.4g} < "
+                     f"{floor:g}")
+    if disagreeing:
+        chosen, rejected, against = disagreeing[0]
+        builder.drop(source, SCORERS_DISAGREE, f"{_count_pairs(disagreeing)}, the first "
+                     f"{_names(chosen)} vs {_names(rejected)}: {against}")
+    for chosen, rejected in kept[: config.pairs_per_source]:
         builder.pair(source, chosen, rejected, "score")
+
+
+def _names(candidate: _Candidate) -> str:
+    return "+".join(candidate.systems)
+
+
+def _count_pairs(pairs: list) -> str:
+    return "1 pair" if len(pairs) == 1 else f"{len(pairs)} pairs"
+
+
+def _drop_unpairable(builder: _Builder, source: dict, best: _Candidate,
+                     rejectable: list[_Candidate], rank_by: str) -> None:
+    """Why no candidate that may be rejected ranks below one that may be chosen."""
+    others = [c for c in rejectable if c is not best]
+    if not others:
+        builder.drop(source, SINGLE_CANDIDATE,
+                     f"only {_names(best)} and candidates that may not be rejected "
+                     "(the reference, or vetoed ones)")
+    elif all(builder.value(c, rank_by) == builder.value(best, rank_by) for c in others):
+        builder.drop(source, TIED_SCORES, f"{len(others) + 1} candidates tie at "
+                     f"{rank_by} {best.scores[rank_by]:.4g}")
+    else:
+        builder.drop(source, TIED_SCORES, f"no candidate that may be rejected scores below "
+                     f"{_names(best)} ({rank_by} {best.scores[rank_by]:.4g}); those above it "
+                     "may not be chosen")
 
 
 def system_counts(report: SelectReport) -> list[dict]:

@@ -258,6 +258,17 @@ def upgrade_v1_triplets(table: pa.Table) -> pa.Table:
     return table
 
 
+def upgrade_old_triplets(table: pa.Table, version: int) -> pa.Table:
+    """A triplets table of an older schema version in the current shape: version 1's score
+    entries gain `error_spans`, versions before 3 gain `confidence`, all null (they had none)."""
+    if version < 2:
+        table = upgrade_v1_triplets(table)
+    if version < 3 and "confidence" not in table.column_names:
+        table = table.add_column(table.schema.get_field_index("margin") + 1, "confidence",
+                                 pa.nulls(table.num_rows, pa.float64()))
+    return table
+
+
 def _read_files(uri: str, version: str, name: str | None, key: str, table_schema: pa.Schema,
                 verify: bool) -> pa.Table:
     manifest = read_manifest(uri, version, name=name)
@@ -269,8 +280,8 @@ def _read_files(uri: str, version: str, name: str | None, key: str, table_schema
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise StoreError(f"{uri}/{manifest['version']}/{entry['path']}: sha256 mismatch")
         table = pq.read_table(pa.BufferReader(data), use_threads=False)  # see cache.py
-        if key == "files" and manifest.get("schema_version", 1) < 2:
-            table = upgrade_v1_triplets(table)
+        if key == "files":
+            table = upgrade_old_triplets(table, manifest.get("schema_version", 1))
         # Each file on its own, so that the error names the file that does not fit.
         tables.append(schema.validate(table, table_schema,
                                       what=f"{uri}/{manifest['version']}/{entry['path']}"))

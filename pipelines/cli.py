@@ -10,6 +10,7 @@ from cpo_data import store
 from cpo_data.errors import UserError
 from pipelines.printing import (
     print_build_summary,
+    print_demo_closing,
     print_inspect,
     print_preflight,
     print_run_lineage,
@@ -42,31 +43,52 @@ TEMPORARY_SERVER_WAIT_S = 120
 
 
 @contextmanager
-def _patient_temporary_server():
-    """Wait up to TEMPORARY_SERVER_WAIT_S for Prefect's temporary server, unless the user runs
-    their own server or chose the wait (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        get_current_settings,
-        temporary_settings,
-    )
+def _prefect_server():
+    """The Prefect server the flows report to, checked before any work.
 
-    chosen = "startup_timeout_seconds" in get_current_settings().server.ephemeral.model_fields_set
-    if PREFECT_API_URL.value() or chosen:
+    With PREFECT_API_URL, that server must answer: if it does not, one line says so and how to
+    fix it, instead of a 114-line traceback from inside the flow. Without it, Prefect's
+    temporary server, waited for up to TEMPORARY_SERVER_WAIT_S and with its analytics off:
+    offline, its telemetry logs an ERROR on every run, and with it 2 of 4 fresh runs printed
+    a "database is locked" traceback (Prefect#18934); 5 of 5 were clean without. A wait or
+    analytics setting the user chose is kept.
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value():
+        from pipelines.deploy import check_server
+
+        check_server()
         yield
         return
-    with temporary_settings(
-            updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: TEMPORARY_SERVER_WAIT_S}):
+    with temporary_settings(updates=temporary_server_settings(get_current_settings())):
         yield
 
 
-def _run_build(config, rows: int) -> None:
+def temporary_server_settings(settings) -> dict:  # noqa: ANN001 - Prefect's Settings
+    """The settings a temporary server runs with, over `settings`: a longer start-up wait
+    and no analytics, each unless the user set it (environment, profile or .env)."""
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
+
+    server = settings.server
+    updates = {}
+    if "startup_timeout_seconds" not in server.ephemeral.model_fields_set:
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = TEMPORARY_SERVER_WAIT_S
+    if "analytics_enabled" not in server.model_fields_set:
+        updates[PREFECT_SERVER_ANALYTICS_ENABLED] = False
+    return updates
+
+
+def _run_build(config, rows: int) -> dict:
     from pipelines.build import build_triplets
 
-    with _patient_temporary_server():
+    with _prefect_server():
         summary = build_triplets(config)
     print_build_summary(summary, rows)
+    return summary
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
@@ -108,7 +130,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
 def _run_train(config, version: str | None) -> None:
     from pipelines.train import train_cpo
 
-    with _patient_temporary_server():
+    with _prefect_server():
         record = train_cpo(config, version)
     print_training_summary(record)
 
@@ -147,19 +169,23 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     build_config, train_config = demo.demo_configs(args.store)
     require(build_needs(build_config))
-    _run_build(build_config, args.rows)
+    summary = _run_build(build_config, args.rows)
     if not args.skip_training:
         print("\n==> demo training: a short CPO run with a tiny local model")
         demo.ensure_demo_model(train_config.model)
         require(train_needs(train_config))
         _run_train(train_config, None)
+    print_demo_closing(summary, trained=not args.skip_training)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cpo_data import __version__
+
     parser = argparse.ArgumentParser(
         prog="cpo-data",
         description="Build machine-translation preference data and train on it.",
     )
+    parser.add_argument("--version", action="version", version=f"cpo-data {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     versions = commands.add_parser("versions", help="list the published versions of a dataset")

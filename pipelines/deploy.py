@@ -107,7 +107,9 @@ def check_server() -> str:
         failure = client.api_healthcheck()
     if failure is not None:
         raise ServerError(f"the Prefect server at PREFECT_API_URL={url} does not answer "
-                          f"({failure}); is `prefect server start` running?")
+                          f"({failure}): start it (`prefect server start`), or unset it "
+                          "(`prefect config unset PREFECT_API_URL`) to let a build or a "
+                          "training run start a temporary one")
     return url
 
 

@@ -24,6 +24,13 @@ def _short(text: str, width: int) -> str:
     return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...")
 
 
+def _vetoes(counts: dict[str, int], checked: int) -> str:
+    """The guards' vetoes, out of how many candidates they checked."""
+    vetoed = sum(counts.values())
+    return (f"{vetoed} of {checked} candidates by the guards"
+            + (f": {_counts(counts)}" if vetoed else ""))
+
+
 def print_versions(uri: str, name: str | None = None) -> None:
     versions = store.list_versions(uri, name=name)
     where = store.dataset_uri(uri, name) if name else uri
@@ -49,6 +56,11 @@ def print_inspect(uri: str, version: str = "latest", name: str | None = None,
     print(f"triplets  {manifest['rows']}: {_counts(manifest['rows_per_lang_pair'])}")
     print(f"dropped   {manifest['dropped_rows']}: {_counts(manifest['dropped_per_reason'])}")
     provenance = manifest.get("provenance", {})
+    if "vetoes" in provenance:  # versions built before the guards have no such entry
+        print(f"vetoed    {_vetoes(provenance['vetoes'], provenance.get('guarded', 0))}")
+    if "min_margin" in provenance:
+        print(f"margin    pairs kept at {provenance['rank_by']} margin >= "
+              f"{provenance['min_margin']:g}")
     if "source_fingerprint" in provenance:
         print(f"sources   fingerprint {provenance['source_fingerprint'][:16]}, "
               f"files {', '.join(provenance.get('source_files', []))}")
@@ -121,6 +133,7 @@ def print_build_summary(summary: dict, rows: int) -> None:
         print(f"sources         {summary['sources_new']} new since version "
               f"{summary['previous_version']}, {summary['sources_reused']} already in it")
     print(f"language pairs  {_counts(summary['lang_pairs'])}")
+    print(f"vetoed          {_vetoes(summary['vetoed'], summary['guarded'])}")
     print(f"dropped         {_counts(summary['dropped'])}")
     print(f"shards          {summary['shards']} ({summary['shards_reused']} reused from an "
           "earlier run)")
@@ -142,7 +155,7 @@ def print_build_summary(summary: dict, rows: int) -> None:
     margin = summary["score_summary"].get("margin", {})
     if margin.get("count"):
         print(f"margins         mean {margin['mean']:.4g}, min {margin['min']:.4g}, "
-              f"max {margin['max']:.4g}")
+              f"max {margin['max']:.4g}; kept at >= {summary['min_margin']:g}")
     print()
     frame = print_inspect(summary["dataset_uri"], summary["version"], rows=rows)
     print("\npandas preview:")
@@ -207,3 +220,18 @@ def print_training_summary(record: dict, table_rows: int = 8) -> None:
     print(f"model     {record['model_dir']}")
     print(f"metrics   {run_dir / 'metrics.jsonl'}")
     print(f"manifest  {run_dir / 'run_manifest.json'}")
+
+
+def print_demo_closing(summary: dict, trained: bool) -> None:
+    """What the demo's numbers mean, where the real recipe is, and (last) where the version
+    is: a newcomer reads the end first."""
+    print("\n==> what the demo shows: the wiring, not translation quality")
+    print("  The pairs come from two provided systems ranked by chrF against the reference;")
+    print("  the 'human labels' line above says how often chrF agreed with people.")
+    if trained:
+        print("  The trained model is a tiny Llama with random weights and a 120-step run: its")
+        print("  held-out accuracy and test-set chrF/BLEU move by chance, up or down.")
+    print("  The real recipe (ALMA-13B-LoRA candidates, CometKiwi-XXL + XCOMET-XXL, CPO on a GPU)")
+    print("  is configs/alma-r.yaml: `cpo-data check configs/alma-r.yaml` says what it needs")
+    print("  (README, 'Running it for real').")
+    print(f"version   {store.version_path(summary['dataset_uri'], summary['version'])}")

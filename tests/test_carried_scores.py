@@ -60,7 +60,9 @@ def _triplets(config) -> list[dict]:
 
 @pytest.mark.usefixtures("no_model_loads")
 def test_an_alma_r_file_reselects_by_its_own_kiwi_xcomet(tmp_path):
-    config = _config(tmp_path, select={"rank_by": "kiwi_xcomet", "use_human_labels": False})
+    # Agreement off: these rows are made so that kiwi and xcomet disagree, to tell them apart.
+    config = _config(tmp_path, select={"rank_by": "kiwi_xcomet", "use_human_labels": False,
+                                       "agreement": False})
     assert config.score.scorers == () and config.generate.models == ()
     got = {t["src"]: t for t in _triplets(config)}
     assert len(got) == 3
@@ -87,7 +89,8 @@ def test_a_labelled_pair_carries_both_sides_scores(tmp_path):
 
 def test_a_scorer_of_the_same_name_replaces_the_carried_score(tmp_path):
     config = _config(tmp_path, score={"scorers": [{"name": "kiwi", "kind": "chrf"}]},
-                     select={"rank_by": "kiwi", "use_human_labels": False})
+                     select={"rank_by": "kiwi", "use_human_labels": False,
+                             "agreement": False})
     for triplet in _triplets(config):
         ref = next(en for de, en in TEXTS if de == triplet["src"])
         chrf = sacrebleu.sentence_chrf(triplet["chosen"], [ref]).score
@@ -118,3 +121,16 @@ def test_a_labelled_pair_is_scored_on_both_sides_when_one_system_is_not_provided
     assert (labelled["chosen_score"], labelled["rejected_score"]) == pytest.approx(
         (sacrebleu.sentence_chrf(_text(2, "gpt4"), [ref]).score,
          sacrebleu.sentence_chrf(_text(2, "alma"), [ref]).score))
+
+
+@pytest.mark.usefixtures("no_model_loads")
+def test_by_default_carried_scores_must_agree_and_clear_their_noise(tmp_path):
+    config = _config(tmp_path, select={"rank_by": "kiwi_xcomet", "use_human_labels": False})
+    got = {t["src"]: t for t in _triplets(config)}
+    # Row 0's best and worst tie on xcomet (0.70 each): no order, so no pair.
+    assert set(got) == {TEXTS[1][0], TEXTS[2][0]}
+    manifest = store.read_manifest(store.dataset_uri(config.publish.uri, config.publish.name))
+    assert manifest["dropped_per_reason"] == {"scorers_disagree": 1}
+    assert manifest["provenance"]["min_margin"] == 0.0124  # KIWI-XXL's and XCOMET's noise
+    for triplet in got.values():
+        assert triplet["confidence"] == pytest.approx(triplet["margin"] / 0.0124, rel=1e-12)

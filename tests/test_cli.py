@@ -25,6 +25,8 @@ def test_demo_builds_through_the_flow_and_shows_the_version(tmp_path, capsys, pr
     assert manifest["rows"] == len(rows)  # no two outputs tie on chrF in the demo corpus
     assert f"published {len(rows)} triplets" in out and "human labels" in out
     assert manifest["version"] in out and "[de-en]" in out and "pandas preview" in out
+    # The guards' line: the demo's real outputs are all left alone.
+    assert f"vetoed          0 of {2 * len(rows)} candidates by the guards\n" in out
     frame = store.read_triplets(str(tmp_path / "demo"))
     first = rows[0]
     chrf = {s: sacrebleu.sentence_chrf(first[s], [first["ref"]]).score
@@ -89,7 +91,6 @@ def test_console_script_runs_the_demo_and_leaves_no_server_behind(tmp_path):
 @pytest.mark.parametrize("user_setting, expected_wait", [
     ({}, "patient"),
     ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 300}, 300),  # the user's choice stays
-    ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "prefect's"),  # their own server
 ])
 def test_flow_commands_give_a_new_prefect_database_time_to_migrate(
         monkeypatch, capsys, user_setting, expected_wait):
@@ -105,11 +106,49 @@ def test_flow_commands_give_a_new_prefect_database_time_to_migrate(
     config = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
     updates = {getattr(ps, key): value for key, value in user_setting.items()}
     # No server of the module's flow tests either (their fixture sets PREFECT_API_URL).
-    unset = set() if "PREFECT_API_URL" in user_setting else {ps.PREFECT_API_URL}
-    with ps.temporary_settings(updates=updates, restore_defaults=unset):
+    with ps.temporary_settings(updates=updates, restore_defaults={ps.PREFECT_API_URL}):
         assert main(["build", config]) == 2
-    prefects = type(ps.get_current_settings().server.ephemeral).model_fields[
-        "startup_timeout_seconds"].default
-    wait = {"patient": cli.TEMPORARY_SERVER_WAIT_S, "prefect's": prefects}.get(
-        expected_wait, expected_wait)
+    wait = cli.TEMPORARY_SERVER_WAIT_S if expected_wait == "patient" else expected_wait
     assert capsys.readouterr().err == f"error: wait {wait}\n"
+
+
+def test_the_temporary_server_runs_without_analytics_unless_the_user_wants_them(monkeypatch):
+    """Offline, Prefect's telemetry logs an ERROR on every run; a user's setting stays."""
+    import prefect.settings as ps
+
+    from pipelines import cli
+
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)  # the test setup's
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    assert cli.temporary_server_settings(ps.Settings()) == {
+        ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: cli.TEMPORARY_SERVER_WAIT_S,
+        ps.PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    assert ps.PREFECT_SERVER_ANALYTICS_ENABLED not in cli.temporary_server_settings(
+        ps.Settings())
+
+
+def test_a_saved_server_that_does_not_answer_is_one_line_before_any_work(monkeypatch, capsys):
+    import prefect.settings as ps
+
+    from pipelines import build
+
+    def must_not_run(config):
+        raise AssertionError("the flow started")
+
+    monkeypatch.setattr(build, "build_triplets", must_not_run)
+    config = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    with ps.temporary_settings(updates={ps.PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert main(["build", config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "error: the Prefect server at PREFECT_API_URL=http://127.0.0.1:9/api does not answer")
+    assert "prefect config unset PREFECT_API_URL" in err
+
+
+def test_version_flag(capsys):
+    from cpo_data import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"cpo-data {__version__}\n"

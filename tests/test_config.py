@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,11 @@ def test_shipped_configs_state_their_recipes():
     assert [s.model for s in alma.score.scorers] == ["Unbabel/wmt23-cometkiwi-da-xxl",
                                                      "Unbabel/XCOMET-XXL"]
     assert not any(s.use_reference for s in alma.score.scorers)
-    assert alma.select.pairs_per_source == 1 and alma.select.use_human_labels
+    assert alma.select.pairs == "best_vs_worst" and alma.select.use_human_labels
+    # The noise rules at their defaults: KIWI-XXL's and XCOMET-XXL's threshold, agreement on.
+    assert alma.select == dataclasses.replace(alma.select, min_margin=None, agreement=True,
+                                              agreement_scores=None, noise_thresholds={})
+    assert alma.selection.margin_floor == 0.0124
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
     assert demo.rank_by == "chrf" and not demo.generate.include_reference
     assert demo.generate.models == ()

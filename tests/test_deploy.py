@@ -4,6 +4,7 @@ real `prefect server start`, a served build whose published version starts the t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from cpo_data import store
-from cpo_data.config import ConfigError
+from cpo_data.config import ConfigError, GuardsConfig
 from cpo_data.testing import build_tiny_causal_lm
 from pipelines import deploy
 from pipelines.demo import REPO_ROOT
@@ -45,8 +46,7 @@ def write_config(folder: Path, model: str, rows: int = 16, **sections) -> Path:
         "score": {"scorers": [{"name": "chrf", "kind": "chrf"}]},
         # The only candidates are a random-weight model's samples, which the guards rightly
         # veto (no language, no length): this test is about serving, so they are off.
-        "guards": {name: {"enabled": False} for name in ("copy_of_source", "off_target",
-                                                         "length_ratio", "repetition")},
+        "guards": {guard.name: {"enabled": False} for guard in dataclasses.fields(GuardsConfig)},
         "publish": {"uri": "store", "name": "served"},
         "work_dir": "work",
         "shard_size": 8,

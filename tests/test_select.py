@@ -76,6 +76,9 @@ def _tables(spec):
 
 
 def _select(spec, rank_by="q", labels=None, **options):
+    """Selection on hand-made tables; scorer agreement is off unless a test turns it on, since
+    most tables here carry a second score only to show it does not rank."""
+    options.setdefault("agreement", False)
     sources, candidates, scores = _tables(spec)
     if labels:
         rows = sources.to_pylist()
@@ -130,10 +133,12 @@ def test_min_margin_drops_close_calls():
     assert len(_pairs(_select(spec))) == 2
     selection = _select(spec, min_margin=0.1)
     assert _pairs(selection) == [("c", "d")]
-    assert _drops(selection) == ["margin_below_min"]
+    assert _drops(selection) == ["within_noise"]
     assert "0.05 < 0.1" in selection.dropped.column("detail")[0].as_py()
-    # A margin equal to the minimum is kept.
-    assert _pairs(_select(spec, min_margin=0.7)) == [("c", "d")]
+    # A margin equal to the minimum is kept (0.75 - 0.25 is exact in binary).
+    exact = {"x": [("a", ["a"], {"q": 0.75}), ("b", ["b"], {"q": 0.25})]}
+    assert _pairs(_select(exact, min_margin=0.5)) == [("a", "b")]
+    assert _drops(_select(exact, min_margin=0.5000001)) == ["within_noise"]
 
 
 def test_reference_rules():
@@ -162,11 +167,15 @@ def test_reference_rules():
 def test_several_pairs_per_source_pair_the_best_with_each_worse():
     spec = {"x": [("a", ["a"], {"q": 0.9}), ("b", ["b"], {"q": 0.6}), ("c", ["c"], {"q": 0.1}),
                   ("d", ["d"], {"q": 0.3}), ("e", ["e"], {"q": 0.9})]}
-    assert _pairs(_select(spec, pairs_per_source=3)) == [("a", "c"), ("a", "d"), ("a", "b")]
+    each = dict(pairs="best_vs_each")
+    assert _pairs(_select(spec, **each)) == [("a", "c"), ("a", "d"), ("a", "b")]
+    assert _pairs(_select(spec, **each, pairs_per_source=2)) == [("a", "c"), ("a", "d")]
     # e ties with the best and is never a rejected side.
-    assert _pairs(_select(spec, pairs_per_source=10)) == [("a", "c"), ("a", "d"), ("a", "b")]
-    margin = _select(spec, pairs_per_source=3, min_margin=0.5)
-    assert _pairs(margin) == [("a", "c"), ("a", "d")] and _drops(margin) == ["margin_below_min"]
+    assert _pairs(_select(spec, **each, pairs_per_source=10)) == [("a", "c"), ("a", "d"),
+                                                                  ("a", "b")]
+    margin = _select(spec, **each, min_margin=0.5)
+    assert _pairs(margin) == [("a", "c"), ("a", "d")] and _drops(margin) == ["within_noise"]
+    assert margin.dropped.column("detail")[0].as_py().startswith("1 pair, the widest a vs b")
     ids = margin.triplets.column("id").to_pylist()
     assert len(set(ids)) == 2
 

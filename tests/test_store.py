@@ -35,7 +35,7 @@ def test_round_trip_keeps_every_value(tmp_path):
 
 
 def test_manifest_has_counts_hashes_schema_and_provenance(tmp_path):
-    dropped = sample_dropped(["s1", "s2"], reason="margin_below_min")
+    dropped = sample_dropped(["s1", "s2"], reason="within_noise")
     version = _publish(tmp_path, dropped=dropped)
     folder = tmp_path / "mt" / version
     manifest = json.loads((folder / store.MANIFEST).read_text())
@@ -43,7 +43,7 @@ def test_manifest_has_counts_hashes_schema_and_provenance(tmp_path):
     assert manifest["schema_version"] == schema.SCHEMA_VERSION
     assert manifest["rows"] == 6
     assert manifest["rows_per_lang_pair"] == {"de-en": 3, "en-de": 3}
-    assert manifest["dropped_per_reason"] == {"margin_below_min": 2}
+    assert manifest["dropped_per_reason"] == {"within_noise": 2}
     assert manifest["provenance"] == {"seed": 0}
     for entry in manifest["files"] + manifest["dropped_files"]:
         data = (folder / entry["path"]).read_bytes()
@@ -51,7 +51,7 @@ def test_manifest_has_counts_hashes_schema_and_provenance(tmp_path):
         assert len(data) == entry["bytes"]
     assert sorted(p.name for p in folder.iterdir()) == [
         "__dropped__", "_manifest.json", "de-en", "en-de"]
-    assert store.read_dropped(str(tmp_path / "mt"))["reason"].tolist() == ["margin_below_min"] * 2
+    assert store.read_dropped(str(tmp_path / "mt"))["reason"].tolist() == ["within_noise"] * 2
 
 
 def test_versions_are_listed_in_order_and_latest_is_newest(tmp_path):
@@ -195,27 +195,43 @@ def test_verify_detects_a_changed_file(tmp_path):
 
 
 SCORER_SCORE_V1 = pa.struct([("scorer", pa.string()), ("score", pa.float64())])
+TRIPLETS_V2 = pa.schema([f for f in schema.TRIPLETS if f.name != "confidence"])
 TRIPLETS_V1 = pa.schema([f.with_type(pa.list_(SCORER_SCORE_V1))
                          if f.name in ("chosen_scores", "rejected_scores") else f
-                         for f in schema.TRIPLETS])
+                         for f in TRIPLETS_V2])
 
 
-def _as_schema_1(folder: Path) -> None:
-    """Rewrite a published version as schema version 1 wrote it: score entries without
-    `error_spans`, and a manifest saying version 1 (with the new files' hashes)."""
+def _as_schema_1(folder: Path, version: int = 1) -> None:
+    """Rewrite a published version as an older schema wrote it, and a manifest saying so
+    (with the new files' hashes). Version 2: no `confidence`; version 1: no `confidence`, and
+    score entries without `error_spans`."""
     manifest_path = folder / store.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     for entry in manifest["files"]:
         part = folder / entry["path"]
         rows = pq.read_table(part).to_pylist()
-        for row in rows:
-            for side in ("chosen_scores", "rejected_scores"):
-                row[side] = [{"scorer": e["scorer"], "score": e["score"]} for e in row[side]]
-        data = store._parquet_bytes(pa.Table.from_pylist(rows, schema=TRIPLETS_V1))
+        if version == 1:
+            for row in rows:
+                for side in ("chosen_scores", "rejected_scores"):
+                    row[side] = [{"scorer": e["scorer"], "score": e["score"]} for e in row[side]]
+        old = TRIPLETS_V1 if version == 1 else TRIPLETS_V2
+        data = store._parquet_bytes(pa.Table.from_pylist(rows, schema=old))
         part.write_bytes(data)
         entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    manifest["schema_version"] = 1
+    manifest["schema_version"] = version
     manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_schema_2_version_reads_with_null_confidence(tmp_path):
+    table = sample_triplets(2)
+    version = store.publish_triplets(table, str(tmp_path), "mt")
+    _as_schema_1(tmp_path / "mt" / version, version=2)
+    part = next((tmp_path / "mt" / version / "de-en").iterdir())
+    assert "confidence" not in pq.read_schema(part).names
+    got = store.read_triplets_table(str(tmp_path / "mt"), version, verify=True)
+    assert got.schema == schema.TRIPLETS
+    assert got.column("confidence").null_count == got.num_rows == table.num_rows
+    assert sorted(got.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
 
 
 def test_a_schema_1_version_still_reads_with_null_spans(tmp_path):

@@ -5,6 +5,7 @@ Batches are filled by token count, not row count: sources are sorted by tokenize
 each batch takes rows while rows x (longest prompt + new tokens) x sequences per row stays under
 the budget; results come back in the caller's order. Causal models are left-padded so every row's
 new tokens start at the same column. On CUDA out-of-memory a batch is split in half and retried.
+Each text says whether its generation ran to `max_new_tokens` without ending (`Ending`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import gc
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,40 @@ def _load(model: str, revision: str | None, adapter: str | None, kind: str, devi
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return network, tokenizer, seq2seq
+
+
+def _token_ids(*values: int | list[int] | None) -> frozenset[int]:
+    """The ids in settings that hold an id, a list of ids or nothing (eos_token_id)."""
+    ids: set[int] = set()
+    for value in values:
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return frozenset(ids)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How to tell a generation that ended from one cut at `limit` new tokens."""
+
+    ends: frozenset[int]
+    """End-of-sequence ids: the one passed to generate and the generation config's. generate
+    stops at the passed one only, but any of them in the output means the model ended."""
+    limit: int
+    """max_new_tokens."""
+    forced: bool
+    """The model forces an end token into the last slot (`forced_eos_token_id`, as mBART and
+    Marian checkpoints do): an end there is the limit's, not the model's."""
+
+    def stopped_at_limit(self, generated: Sequence[int], text: str | None = None) -> bool:
+        """Whether one returned sequence ran to the limit: no end token among its `generated`
+        tokens (those after the prompt, or after a seq2seq decoder's start token, which is
+        EOS for NLLB and mBART), or only the forced one. For a causal model `text` is its
+        decoded output, of which `_clean` keeps the first line: a line break after that line's
+        text means the translation was finished before the limit, end token or not."""
+        first_end = next((i for i, token in enumerate(generated) if token in self.ends), None)
+        if first_end is not None and not (self.forced and first_end == self.limit - 1):
+            return False
+        return text is None or "\n" not in text.lstrip()
 
 
 def _language_tokens(tokenizer: Any, configured: str) -> str | None:
@@ -224,6 +260,12 @@ class HFGenerator:
             kwargs["eos_token_id"] = self.tokenizer.eos_token_id
         return kwargs
 
+    def _ending(self, kwargs: dict[str, Any]) -> Ending:
+        generation = self.model.generation_config
+        return Ending(ends=_token_ids(kwargs.get("eos_token_id"), generation.eos_token_id),
+                      limit=self.config.max_new_tokens,
+                      forced=generation.forced_eos_token_id is not None)
+
     def _clean(self, text: str) -> str:
         # ALMA-style causal models run on past the translation: keep the first line only.
         if not self.seq2seq:
@@ -242,18 +284,25 @@ class HFGenerator:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     @torch.inference_mode()
-    def _generate_batch(self, ids: list[list[int]], extra: dict[str, Any]) -> list[list[str]]:
+    def _generate_batch(self, ids: list[list[int]], extra: dict[str, Any]
+                        ) -> list[tuple[list[str], list[bool]]]:
+        """Per row: its candidates' texts and whether each stopped at max_new_tokens."""
         inputs = {k: v.to(self.device) for k, v in self._pad(ids).items()}
         if self.config.strategy == "sample":
             torch.manual_seed(self.config.seed)
-        output = self.model.generate(**inputs, **self._generation_kwargs(), **extra)
+        kwargs = self._generation_kwargs()
+        output = self.model.generate(**inputs, **kwargs, **extra)
         if not self.seq2seq:
             output = output[:, inputs["input_ids"].shape[1]:]
-        texts = [self._clean(t) for t in
-                 self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        decoded = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        ending = self._ending(kwargs)
+        stopped = [ending.stopped_at_limit(row[1:].tolist()) if self.seq2seq
+                   else ending.stopped_at_limit(row.tolist(), text)
+                   for row, text in zip(output, decoded, strict=True)]
+        texts = [self._clean(t) for t in decoded]
         n = self.config.num_candidates
         self.batches += 1
-        return [texts[i * n:(i + 1) * n] for i in range(len(ids))]
+        return [(texts[i * n:(i + 1) * n], stopped[i * n:(i + 1) * n]) for i in range(len(ids))]
 
     def generate(self, requests: Sequence[Request]) -> list[Generated]:
         """Candidates for each request, in order; batches are planned per language pair for
@@ -278,8 +327,9 @@ class HFGenerator:
                     lambda ids, extra=extra: self._generate_batch(ids, extra),
                     [encoded[j][0] for j in batch], self.name)
                 self.oom_splits += splits
-                for j, texts in zip(batch, outputs, strict=True):
-                    results[members[j]] = Generated(texts=texts, truncated=encoded[j][1])
+                for j, (texts, stopped) in zip(batch, outputs, strict=True):
+                    results[members[j]] = Generated(texts=texts, truncated=encoded[j][1],
+                                                    stopped_at_limit=stopped)
                 progress.update(len(batch))
         progress.close()
         return results  # type: ignore[return-value]
