@@ -2,14 +2,16 @@
 
 Public API (stable import paths):
 
-    cpo_data.read_triplets(uri, version="latest") -> pandas.DataFrame
+    cpo_data.read_triplets(uri, version="latest", format="standard") -> pandas.DataFrame
     cpo_data.publish_triplets(table, uri, name, provenance) -> version id
     cpo_data.list_versions(uri), cpo_data.read_manifest(uri, version)
+    cpo_data.push_version(uri, repo_id, version="latest") -> commit URL (Hugging Face Hub)
     cpo_data.load_sources(SourcesConfig(...)) -> Sources
     cpo_data.load_config(path) -> BuildConfig
 """
 
 from cpo_data.config import BuildConfig, PublishConfig, SelectConfig, SourcesConfig, load_config
+from cpo_data.hub import push_version
 from cpo_data.schema import SCHEMA_VERSION, SchemaError, validate
 from cpo_data.sources import SourceError, Sources, load_sources
 from cpo_data.store import (
@@ -38,6 +40,7 @@ __all__ = [
     "load_config",
     "load_sources",
     "publish_triplets",
+    "push_version",
     "read_dropped",
     "read_manifest",
     "read_triplets",

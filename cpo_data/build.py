@@ -28,6 +28,8 @@ from cpo_data.config import BuildConfig, ConfigError
 from cpo_data.fingerprint import generator_weights, scorer_weights
 from cpo_data.generate import Candidates, GenerateError, generate_candidates, provided_systems
 from cpo_data.identity import generator_identity, scorer_identity
+from cpo_data.report import REPORT_FILE
+from cpo_data.report import attachment as report_page
 from cpo_data.score import Scores, score_candidates
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,8 @@ class BuildSummary:
     min_margin: float = 0.0
     """The smallest margin a pair was kept with: `select.min_margin`, else the ranking
     score's noise threshold."""
+    report: str | None = None
+    """Where the version's `report.html` is (null with `publish.report` off)."""
     lang_pairs: dict[str, int] = field(default_factory=dict)
     systems: list[dict] = field(default_factory=list)
     """Per system: chosen and rejected counts (ALMA-R's Table 2)."""
@@ -334,13 +338,21 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
         "truncated": summary.truncated,
         "length_windows": vetoes.windows,
         "vetoes": vetoes.dropped.counts(),
+        # How often the ranking score agrees with the sources' human labels (the report's).
+        "agreement": dataclasses.asdict(selection.report.agreement),
         "guarded": vetoes.checked,
         "min_margin": rules.margin_floor,
         "noise_thresholds": rules.noise_thresholds,
     }
     _compare_with_previous(summary, run)
-    summary.version = store.publish_triplets(selection.triplets, config.publish.uri,
-                                             config.publish.name, provenance, dropped=dropped)
+    publish = config.publish
+    summary.version = store.publish_triplets(
+        selection.triplets, publish.uri, publish.name, provenance, dropped=dropped,
+        license=publish.license, conversational=publish.conversational,
+        attachments=report_page if publish.report else None)
+    if publish.report:
+        summary.report = (f"{store.version_path(summary.dataset_uri, summary.version)}/"
+                          f"{REPORT_FILE}")
     summary.triplets = selection.triplets.num_rows
     summary.candidates = candidates.num_rows if candidates is not None else 0
     summary.dropped = dict(Counter(dropped.column("reason").to_pylist()))

@@ -289,12 +289,25 @@ class PublishConfig:
     """Store root: a local path or an fsspec URI (s3://bucket/prefix)."""
     name: str
     """Dataset name; versions live under {uri}/{name}/."""
+    license: str | None = None
+    """Hub licence id of the published data (cc-by-nc-sa-4.0, apache-2.0, other), written to
+    the manifest and the dataset card; null: the card says the licence is unknown."""
+    conversational: bool = False
+    """Also publish the rows in TRL's conversational format, as the card's `conversational`
+    config (`load_dataset(version_dir, "conversational")`), for chat models."""
+    report: bool = True
+    """Write `report.html` into each version (`__attachments__/`): score distributions,
+    margins, system win/loss, drops and vetoes, sample pairs (README, "The report")."""
 
     def __post_init__(self) -> None:
         if not self.uri:
             _fail("uri", "must name a folder or fsspec URI")
         if not self.name or "/" in self.name or self.name.startswith((".", "_")):
             _fail("name", f"{self.name!r} must be a plain folder name")
+        if self.license is not None and (not self.license[:1].isalnum() or set(self.license)
+                                         - set("abcdefghijklmnopqrstuvwxyz0123456789.+-")):
+            _fail("license", f"{self.license!r} is not a Hub licence id (lower case, no "
+                  "spaces: cc-by-nc-sa-4.0, apache-2.0, mit, other)")
 
 
 RUNNER_KINDS = ("threads", "dask")

@@ -2,15 +2,25 @@
 
 Layout of one dataset (`{store}/{name}`):
 
-    {version}/_manifest.json             written last: counts, schema version, sha256, provenance
+    {version}/.manifest.json             written last: counts, schema version, sha256, provenance
+    {version}/.huggingface.yaml          the card's front matter: `datasets` configs, features
     {version}/de-en/part-00000.parquet   one folder per language pair, `lang_pair` kept in rows
     {version}/__dropped__/part-00000.parquet   what selection left out, with reasons
+    {version}/__conversational__/de-en/part-00000.parquet   with publish.conversational only
+    {version}/__attachments__/README.md        the dataset card (front matter and prose)
+    {version}/__attachments__/report.html      files the `attachments` hook returned
     _runs/{version}/{run id}.json        training runs that used the version (lineage)
 
-Why these names: pyarrow skips files starting with `_` or `.`, and `datasets` skips folders
-starting with `__`, so `pd.read_parquet(version_dir)` and `load_dataset(version_dir)` see the
-triplets only. Folders are not `lang_pair=de-en` (hive style): pyarrow then refuses the column
-that is also in the files, and `datasets` would drop it.
+Why these names: the card's configs name the triplet files one by one, so
+`load_dataset(version_dir)` (config `default`, a language pair, or `conversational`) reads
+exactly them; `datasets` finds them in `.huggingface.yaml`. `load_dataset("parquet",
+data_dir=version_dir)` reads every file except hidden ones and folders starting with `__`, and
+pyarrow (`pd.read_parquet(version_dir)`) skips names starting with `.` or `_`. So the manifest
+and the configs are dot files and everything that is not a standard triplet file sits in a
+`__` folder; the card becomes the root `README.md`, where the Hub wants it, on export and
+push. Folders are not `lang_pair=de-en` (hive style): pyarrow then refuses the column that is
+also in the files, and `datasets` would drop it. Versions published before the card
+have `_manifest.json` and no `README.md`; they list and read as before (`LEGACY_MANIFEST`).
 
 A version is visible only once its manifest exists. On a local disk the version is written under
 a temporary name and renamed into place; on object stores (no rename) the manifest is the last
@@ -19,12 +29,16 @@ object written, so readers never see a half version either way. Only this module
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import posixpath
 import re
 import secrets
+import shutil
 import uuid
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,13 +47,27 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from cpo_data import schema
+from cpo_data import card, schema
 from cpo_data.errors import UserError
 
-MANIFEST = "_manifest.json"
+MANIFEST = ".manifest.json"
+LEGACY_MANIFEST = "_manifest.json"  # versions published before the dataset card; still read
+CARD = "README.md"
+"""The card's name where the Hub reads it: at the root of an exported or pushed version."""
+
 DROPPED_DIR = "__dropped__"
+CONVERSATIONAL_DIR = "__conversational__"
+ATTACHMENTS_DIR = "__attachments__"
+CARD_PATH = f"{ATTACHMENTS_DIR}/{CARD}"
+"""Where a published version keeps its card: a `README.md` at the root would be read as
+Parquet by `pd.read_parquet(version_dir)` (pyarrow skips only `.` and `_` names)."""
+REPO_YAML = ".huggingface.yaml"
+"""The card's front matter alone (configs, features, licence): `datasets` reads it beside or
+instead of a README's, so `load_dataset(version_dir, "de-en")` works in the store too."""
+READ_FORMATS = ("standard", "conversational")
 RUNS_DIR = "_runs"
 FORMAT = "cpo-data/triplets"
 _LANG_PAIR = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
@@ -80,24 +108,62 @@ def _counts(table: pa.Table, column: str) -> dict[str, int]:
     return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
 
 
+def _entry(fs: fsspec.AbstractFileSystem, folder: str, relative: str, data: bytes,
+           rows: int | None = None) -> dict:
+    """Write one file of a version; return its manifest entry."""
+    path = posixpath.join(folder, relative)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+    entry = {"path": relative} if rows is None else {"path": relative, "rows": rows}
+    return {**entry, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def _write_files(fs: fsspec.AbstractFileSystem, folder: str, triplets: pa.Table,
-                 dropped: pa.Table) -> tuple[list[dict], list[dict]]:
-    """Write the Parquet files of one version; return their manifest entries."""
+                 dropped: pa.Table, conversational: bool) -> dict[str, list[dict]]:
+    """Write the Parquet files of one version; return their manifest entries by key."""
 
     def put(relative: str, table: pa.Table) -> dict:
-        data = _parquet_bytes(table)
-        path = posixpath.join(folder, relative)
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        fs.pipe_file(path, data)
-        return {"path": relative, "rows": table.num_rows, "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest()}
+        return _entry(fs, folder, relative, _parquet_bytes(table), table.num_rows)
 
-    files = []
+    files, chat = [], []
     for pair in sorted(_counts(triplets, "lang_pair")):
         part = triplets.filter(pc.equal(triplets.column("lang_pair"), pair))
         files.append(put(f"{pair}/part-00000.parquet", part))
+        if conversational:
+            chat.append(put(f"{CONVERSATIONAL_DIR}/{pair}/part-00000.parquet",
+                            card.conversational(part)))
     dropped_files = [put(f"{DROPPED_DIR}/part-00000.parquet", dropped)] if dropped.num_rows else []
-    return files, dropped_files
+    return {"files": files, "dropped_files": dropped_files, "conversational_files": chat}
+
+
+Attachments = Callable[[dict, pa.Table, pa.Table], Mapping[str, bytes]]
+"""(manifest as it will be written, less `attachments`; triplets; dropped) -> name -> bytes."""
+
+
+def _check_attachments(found: Any, pairs: list[str]) -> dict[str, bytes]:
+    if not isinstance(found, Mapping):
+        raise StoreError(f"attachments: the hook returned {type(found).__name__}, expected a "
+                         "mapping of file names to bytes")
+    checked = {}
+    for name, data in found.items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name \
+                or name.startswith((".", "_")):
+            raise StoreError(f"attachments: {name!r} must be a plain file name (no '/', not "
+                             "starting with '.' or '_')")
+        if name.lower() in (CARD.lower(), MANIFEST, LEGACY_MANIFEST) or name in pairs \
+                or name.lower().endswith(".parquet"):
+            raise StoreError(f"attachments: {name!r} would collide with the version's own "
+                             "files (card, manifest, Parquet data)")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise StoreError(f"attachments: {name!r} is {type(data).__name__}, expected bytes")
+        checked[name] = bytes(data)
+    return checked
+
+
+def _system_counts(triplets: pa.Table) -> list[dict]:
+    chosen, rejected = _counts(triplets, "chosen_system"), _counts(triplets, "rejected_system")
+    return [{"system": s, "chosen": chosen.get(s, 0), "rejected": rejected.get(s, 0)}
+            for s in sorted(chosen.keys() | rejected.keys())]
 
 
 def publish_triplets(
@@ -106,11 +172,21 @@ def publish_triplets(
     name: str,
     provenance: dict[str, Any] | None = None,
     dropped: pa.Table | None = None,
+    *,
+    license: str | None = None,
+    conversational: bool = False,
+    attachments: Callable[[dict, pa.Table, pa.Table], Mapping[str, bytes]] | None = None,
 ) -> str:
     """Publish `table` (the triplets schema) as a new immutable version of dataset `name`.
 
     `provenance` (config, model and scorer identities, source fingerprint) goes into the
-    manifest as given and must be JSON-serializable. Returns the new version id.
+    manifest as given and must be JSON-serializable. `license` (a Hub licence id, from
+    `publish.license`) goes into the manifest and the card; `conversational` also writes the
+    rows in TRL's conversational format (the card's `conversational` config). `attachments` is
+    called with (the manifest as it will be written, less its `attachments` entry; the
+    triplets; the dropped rows) and returns plain file names -> bytes, written to
+    `__attachments__/` before the manifest and listed in it with the card (`README.md`, which
+    the store writes itself). Returns the new version id.
     """
     triplets = schema.validate(table, schema.TRIPLETS, what="triplets")
     dropped = schema.validate(
@@ -119,7 +195,8 @@ def publish_triplets(
     )
     if triplets.num_rows == 0:
         raise StoreError(f"{dataset_uri(uri, name)}: nothing to publish, the table has no rows")
-    for pair in _counts(triplets, "lang_pair"):
+    pairs = list(_counts(triplets, "lang_pair"))
+    for pair in pairs:
         if not _LANG_PAIR.match(pair):
             raise StoreError(f"triplets: lang_pair {pair!r} is not of the form xx-yy")
     try:
@@ -137,7 +214,7 @@ def publish_triplets(
     folder = posixpath.join(dataset_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}" if local
                             else version)
     try:
-        files, dropped_files = _write_files(fs, folder, triplets, dropped)
+        written = _write_files(fs, folder, triplets, dropped, conversational)
         manifest = {
             "format": FORMAT,
             "schema_version": schema.SCHEMA_VERSION,
@@ -148,11 +225,21 @@ def publish_triplets(
             "rows_per_lang_pair": _counts(triplets, "lang_pair"),
             "dropped_rows": dropped.num_rows,
             "dropped_per_reason": _counts(dropped, "reason"),
+            "systems": _system_counts(triplets),
+            "license": license,
             "columns": triplets.column_names,
-            "files": files,
-            "dropped_files": dropped_files,
+            **written,
             "provenance": provenance_json,
         }
+        extra = _check_attachments(
+            attachments(copy.deepcopy(manifest), triplets, dropped) if attachments else {},
+            pairs)
+        listed = [_entry(fs, folder, f"{ATTACHMENTS_DIR}/{n}", data) for n, data in extra.items()]
+        # The card lists the attachments; the manifest lists the card, then them.
+        text = card.render_card({**manifest, "attachments": listed})
+        front = yaml.safe_dump(card.front_matter(manifest), sort_keys=False, allow_unicode=True)
+        manifest["attachments"] = [_entry(fs, folder, CARD_PATH, text.encode()),
+                                   _entry(fs, folder, REPO_YAML, front.encode()), *listed]
         fs.pipe_file(posixpath.join(folder, MANIFEST),
                      json.dumps(manifest, indent=2, ensure_ascii=False).encode())
         if local:
@@ -188,6 +275,15 @@ def _load_manifest(fs: fsspec.AbstractFileSystem, path: str, where: str) -> dict
     return manifest
 
 
+def _manifest_path(fs: fsspec.AbstractFileSystem, folder: str) -> str | None:
+    """The manifest of a version folder: `.manifest.json`, else `_manifest.json` (a version
+    published before the card); None while it has neither (not a version, or not yet)."""
+    for candidate in (MANIFEST, LEGACY_MANIFEST):
+        if fs.exists(posixpath.join(folder, candidate)):
+            return posixpath.join(folder, candidate)
+    return None
+
+
 def list_versions(uri: str, *, name: str | None = None) -> list[dict]:
     """Manifests of every complete version, oldest first. `uri` is the dataset, or the store
     when `name` is given. Folders without a manifest (unfinished writes) are not versions."""
@@ -197,8 +293,8 @@ def list_versions(uri: str, *, name: str | None = None) -> list[dict]:
         folder = posixpath.basename(entry.rstrip("/"))
         if folder.startswith((".", "_")):
             continue
-        manifest_path = posixpath.join(path, folder, MANIFEST)
-        if fs.exists(manifest_path):
+        manifest_path = _manifest_path(fs, posixpath.join(path, folder))
+        if manifest_path is not None:
             manifests.append(_load_manifest(fs, manifest_path, f"{uri}/{folder}"))
     return sorted(manifests, key=lambda m: (m["created_at"], m["version"]))
 
@@ -221,11 +317,15 @@ def read_manifest(uri: str, version: str = "latest", *, name: str | None = None)
     """The manifest of one version."""
     version = resolve_version(uri, version, name=name)
     fs, path, uri = _dataset_dir(uri, name)
-    return _load_manifest(fs, posixpath.join(path, version, MANIFEST), f"{uri}/{version}")
+    found = _manifest_path(fs, posixpath.join(path, version))
+    if found is None:  # removed since it was listed
+        raise StoreError(f"{uri}/{version}: the version has no manifest")
+    return _load_manifest(fs, found, f"{uri}/{version}")
 
 
 def version_path(uri: str, version: str = "latest", *, name: str | None = None) -> str:
-    """URI of a version's folder, for `pd.read_parquet` or `datasets.load_dataset`."""
+    """URI of a version's folder, for `datasets.load_dataset` (the card's configs) or
+    `pd.read_parquet` of one language pair's folder."""
     version = resolve_version(uri, version, name=name)
     return f"{(dataset_uri(uri, name) if name else uri).rstrip('/')}/{version}"
 
@@ -291,19 +391,27 @@ def _read_files(uri: str, version: str, name: str | None, key: str, table_schema
 
 
 def read_triplets_table(uri: str, version: str = "latest", *, name: str | None = None,
-                        verify: bool = False) -> pa.Table:
+                        verify: bool = False, format: str = "standard") -> pa.Table:
     """The triplets of one version as an Arrow table (see `read_triplets`)."""
-    return _read_files(uri, version, name, "files", schema.TRIPLETS, verify)
+    if format not in READ_FORMATS:
+        raise StoreError(f"format {format!r}: expected one of {', '.join(READ_FORMATS)}")
+    table = _read_files(uri, version, name, "files", schema.TRIPLETS, verify)
+    return card.conversational(table) if format == "conversational" else table
 
 
 def read_triplets(uri: str, version: str = "latest", *, name: str | None = None,
-                  verify: bool = False) -> pd.DataFrame:
+                  verify: bool = False, format: str = "standard") -> pd.DataFrame:
     """The triplets of one version as a pandas DataFrame.
 
     `uri` is the dataset (`{store}/{name}`), or the store when `name` is given. `version` is a
     version id or 'latest'. With `verify`, each file's sha256 is checked against the manifest.
+    `format="conversational"` gives TRL's conversational preference format: `prompt` as
+    `[{"role": "user", "content": ...}]`, `chosen` and `rejected` as one assistant message
+    each, the other columns as they are (any version, whether or not it was published with
+    `publish.conversational`).
     """
-    return read_triplets_table(uri, version, name=name, verify=verify).to_pandas()
+    return read_triplets_table(uri, version, name=name, verify=verify,
+                               format=format).to_pandas()
 
 
 def read_source_ids(uri: str, version: str = "latest", *, name: str | None = None) -> set[str]:
@@ -323,6 +431,40 @@ def read_dropped(uri: str, version: str = "latest", *, name: str | None = None) 
     """What the build left out of one version (ingestion, generation, scoring, selection),
     with a reason and a detail per row."""
     return _read_files(uri, version, name, "dropped_files", schema.DROPPED, False).to_pandas()
+
+
+def export_version(uri: str, dest: str, version: str = "latest", *, name: str | None = None,
+                   verify: bool = True) -> dict:
+    """Copy one version's files into the local folder `dest` (from any fsspec store); return
+    its manifest. Every file the manifest lists is copied (triplets, conversational, dropped,
+    card, attachments), its sha256 checked when `verify`, and the manifest is written as
+    `.manifest.json`. A version published before cards gets a `README.md` rendered from its
+    manifest, so the copy loads in every `load_dataset` form."""
+    manifest = read_manifest(uri, version, name=name)
+    fs, path, where = _dataset_dir(uri, name)
+    source = posixpath.join(path, manifest["version"])
+    entries = [e for key in ("files", "conversational_files", "dropped_files", "attachments")
+               for e in manifest.get(key) or []]
+    for entry in entries:
+        target = os.path.join(dest, *entry["path"].split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        digest = hashlib.sha256()
+        with fs.open(posixpath.join(source, entry["path"]), "rb") as src, \
+                open(target, "wb") as out:
+            while chunk := src.read(1 << 23):
+                digest.update(chunk)
+                out.write(chunk)
+        if verify and digest.hexdigest() != entry["sha256"]:
+            raise StoreError(f"{where}/{manifest['version']}/{entry['path']}: sha256 mismatch")
+    kept = os.path.join(dest, *CARD_PATH.split("/"))
+    if os.path.isfile(kept):  # the Hub reads the card at the root
+        shutil.copyfile(kept, os.path.join(dest, CARD))
+    elif not any(e["path"] == CARD for e in entries):
+        with open(os.path.join(dest, CARD), "w", encoding="utf-8") as out:
+            out.write(card.render_card(manifest))
+    with open(os.path.join(dest, MANIFEST), "w", encoding="utf-8") as out:
+        json.dump(manifest, out, indent=2, ensure_ascii=False)
+    return manifest
 
 
 def register_run(uri: str, version: str, run: dict[str, Any]) -> str:

@@ -100,6 +100,11 @@ def artifact_key(name: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower())
 
 
+def _link(uri: str) -> str:
+    """A link a browser opens: local paths become file:// URLs, other URIs stay."""
+    return uri if "://" in uri else Path(uri).resolve().as_uri()
+
+
 def create_artifacts(summary: build.BuildSummary, name: str) -> None:
     """The build's tables in the Prefect UI, under keys that stay the same across runs."""
     description = f"{summary.dataset_uri} version {summary.version}"
@@ -119,6 +124,9 @@ def create_artifacts(summary: build.BuildSummary, name: str) -> None:
              f"{summary.triplets} triplets from {summary.sources} sources "
              f"({summary.candidates} candidates, {summary.shards} shards, "
              f"{summary.shards_reused} reused).", ""]
+    if summary.report:
+        lines += [f"Report (score distributions, margins, systems, drops and vetoes, sample "
+                  f"pairs): [{summary.report}]({_link(summary.report)})", ""]
     if summary.score_summary:
         lines += ["| score | count | mean | min | max |", "|---|---|---|---|---|"]
         for scorer, stats in summary.score_summary.items():

@@ -35,6 +35,28 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print_inspect(args.uri, args.version, args.name, args.rows)
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from cpo_data.report import REPORT_FILE, write_report
+
+    manifest = store.read_manifest(args.uri, args.version, name=args.name)
+    if any(e["path"] == REPORT_FILE for e in manifest.get("attachments") or []):
+        # Published with the version: listed in its manifest, so not rewritten.
+        path = f"{store.version_path(args.uri, manifest['version'], name=args.name)}/" \
+               f"{REPORT_FILE}"
+    else:
+        path = write_report(args.uri, manifest["version"], name=args.name)
+    print(f"report    {path}")
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    from cpo_data.hub import push_version
+
+    print(f"==> push {args.uri} version {args.version} to the dataset repo {args.repo_id}")
+    url = push_version(args.uri, args.repo_id, args.version, name=args.name,
+                       private=args.private, revision=args.revision)
+    print(f"pushed    {url}")
+
+
 # Without PREFECT_API_URL a flow starts Prefect's temporary server, which on a new PREFECT_HOME
 # first creates and migrates its database: 14-16 s measured on an idle 2-core machine, 18.7 s
 # beside two busy processes, against Prefect's default wait of 20 s; CI's run of the demo timed
@@ -201,6 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--name", help="dataset name inside the store at URI")
     inspect.add_argument("--rows", type=int, default=3, help="rows to show per language pair")
     inspect.set_defaults(run=_cmd_inspect)
+
+    report = commands.add_parser("report", help="the HTML report of a version (written at "
+                                 "publishing; rendered now for older versions)")
+    report.add_argument("uri", help="dataset URI ({store}/{name}), or the store with --name")
+    report.add_argument("--version", default="latest", help="version id (default: latest)")
+    report.add_argument("--name", help="dataset name inside the store at URI")
+    report.set_defaults(run=_cmd_report)
+
+    push = commands.add_parser("push", help="upload a version to a Hugging Face dataset repo "
+                               "(token: HF_TOKEN or `hf auth login`)")
+    push.add_argument("uri", help="dataset URI ({store}/{name}), or the store with --name")
+    push.add_argument("repo_id", help="dataset repository, e.g. my-org/alma-r-pairs")
+    push.add_argument("--version", default="latest", help="version id (default: latest)")
+    push.add_argument("--name", help="dataset name inside the store at URI")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (created when missing)")
+    push.set_defaults(run=_cmd_push)
 
     build = commands.add_parser("build", help="build and publish triplets from a YAML config")
     build.add_argument("config", help="build config (YAML), e.g. configs/demo.yaml")

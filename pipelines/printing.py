@@ -58,6 +58,10 @@ def print_inspect(uri: str, version: str = "latest", name: str | None = None,
     provenance = manifest.get("provenance", {})
     if "vetoes" in provenance:  # versions built before the guards have no such entry
         print(f"vetoed    {_vetoes(provenance['vetoes'], provenance.get('guarded', 0))}")
+    report = next((e["path"] for e in manifest.get("attachments") or []
+                   if e["path"].endswith("/report.html")), None)
+    if report:
+        print(f"report    {path}/{report}")
     if "min_margin" in provenance:
         print(f"margin    pairs kept at {provenance['rank_by']} margin >= "
               f"{provenance['min_margin']:g}")
@@ -235,3 +239,5 @@ def print_demo_closing(summary: dict, trained: bool) -> None:
     print("  is configs/alma-r.yaml: `cpo-data check configs/alma-r.yaml` says what it needs")
     print("  (README, 'Running it for real').")
     print(f"version   {store.version_path(summary['dataset_uri'], summary['version'])}")
+    if summary.get("report"):
+        print(f"report    {summary['report']}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 import yaml
@@ -94,6 +97,15 @@ def test_plain_build_publishes_score_selected_triplets(tmp_path):
                                                                             "system_b"}
     assert summary.scored == {"chrf": 60}
     assert summary.agreement["compared"] == 30
+    # The version carries its report, listed (with its sha256) in the manifest.
+    manifest = store.read_manifest(str(tmp_path / "store"), name="flowtest")
+    listed = {e["path"]: e for e in manifest["attachments"]}
+    report = Path(summary.report)
+    assert report.relative_to(store.version_path(str(tmp_path / "store"), name="flowtest")
+                              ).as_posix() in listed
+    assert hashlib.sha256(report.read_bytes()).hexdigest() == listed[
+        "__attachments__/report.html"]["sha256"]
+    assert "<svg" in report.read_text()
 
 
 def test_ingestion_drops_reach_the_published_version(tmp_path):

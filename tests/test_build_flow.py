@@ -161,10 +161,11 @@ def test_a_failing_shard_publishes_nothing_and_the_rerun_resumes(tmp_path, model
     monkeypatch.setattr(build, "score_shard", failing)
     with pytest.raises(RuntimeError, match="fell off"):
         build_triplets(str(config), retries=0)
-    assert not list(tmp_path.rglob("_manifest.json"))  # no version, not even a partial one
+    assert not list(tmp_path.rglob(store.MANIFEST))  # no version, not even a partial one
 
     monkeypatch.setattr(build, "score_shard", real_score_shard)
     summary = build_triplets(str(config), retries=0)
+    assert len(list(tmp_path.rglob(store.MANIFEST))) == 1  # the check above looks where it should
     assert summary["shards_reused"] == 2  # shards 1 and 2 finished in the failed run
     assert summary["generated"] == {}  # shard 3's generation had finished too
     assert summary["scored"]["kiwi"] > 0  # only shard 3 is scored now
@@ -221,10 +222,11 @@ def test_a_build_killed_midway_resumes_from_its_finished_shards_and_publishes_on
     assert processes_with_env(f"PREFECT_HOME={tmp_path / 'prefect-home'}") == []
     generated_before = len(list(results.glob("generate-*")))
     finished = len(list(results.glob("score-*")))
-    assert not list(tmp_path.rglob("_manifest.json"))  # nothing published by the killed run
+    assert not list(tmp_path.rglob(store.MANIFEST))  # nothing published by the killed run
 
     summary = build_triplets(str(config), retries=0)
     assert summary["shards"] == 10
     assert finished <= summary["shards_reused"] < 10
     assert sum(summary["generated"].values()) <= 80 - 8 * generated_before
     assert len(store.list_versions(str(tmp_path / "store"), name="flowtest")) == 1
+    assert len(list(tmp_path.rglob(store.MANIFEST))) == 1  # the check above looks where it should

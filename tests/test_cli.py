@@ -88,6 +88,7 @@ def test_console_script_runs_the_demo_and_leaves_no_server_behind(tmp_path):
     assert processes_with_env(f"PREFECT_HOME={home}") == []
 
 
+@pytest.mark.slow  # a second or two: a project load and Prefect's settings, per case
 @pytest.mark.parametrize("user_setting, expected_wait", [
     ({}, "patient"),
     ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 300}, 300),  # the user's choice stays
@@ -128,6 +129,7 @@ def test_the_temporary_server_runs_without_analytics_unless_the_user_wants_them(
         ps.Settings())
 
 
+@pytest.mark.slow  # a second or two: Prefect's client and its health check
 def test_a_saved_server_that_does_not_answer_is_one_line_before_any_work(monkeypatch, capsys):
     import prefect.settings as ps
 
@@ -152,3 +154,33 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out == f"cpo-data {__version__}\n"
+
+
+def test_report_renders_older_versions_and_points_at_a_published_one(tmp_path, capsys):
+    from cpo_data import report
+
+    dataset = str(tmp_path / "mt")
+    old = store.publish_triplets(sample_triplets(2), str(tmp_path), "mt")
+    assert main(["report", dataset, "--version", old]) == 0
+    page = Path(capsys.readouterr().out.split("report    ")[1].strip())
+    assert page == Path(store.version_path(dataset, old)) / report.REPORT_FILE
+    assert "<svg" in page.read_text()
+    new = store.publish_triplets(sample_triplets(2, seed=1), str(tmp_path), "mt",
+                                 attachments=report.attachment)
+    listed = Path(store.version_path(dataset, new)) / report.REPORT_FILE
+    before = listed.stat().st_mtime_ns
+    assert main(["report", dataset]) == 0
+    assert capsys.readouterr().out == f"report    {listed}\n"
+    assert listed.stat().st_mtime_ns == before  # listed in the manifest: not rewritten
+
+
+def test_push_passes_the_command_line_to_push_version(tmp_path, capsys, monkeypatch):
+    from cpo_data import hub
+
+    calls = []
+    monkeypatch.setattr(hub, "push_version", lambda *a, **k: calls.append((a, k)) or "URL")
+    assert main(["push", "s/mt", "org/pairs", "--version", "v1", "--private",
+                 "--revision", "b"]) == 0
+    assert calls == [(("s/mt", "org/pairs", "v1"), {"name": None, "private": True,
+                                                    "revision": "b"})]
+    assert capsys.readouterr().out.endswith("pushed    URL\n")

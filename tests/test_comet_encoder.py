@@ -49,6 +49,7 @@ def test_a_local_encoder_folder_needs_nothing(tmp_path, monkeypatch):
     comet_score.fetch_encoder(_checkpoint(tmp_path, str(tmp_path / "enc")))
 
 
+@pytest.mark.slow  # several seconds: COMET's import and a tiny checkpoint
 def test_a_scorer_fetches_its_encoder_before_comet_loads(tmp_path, monkeypatch):
     import comet
 

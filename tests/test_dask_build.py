@@ -147,6 +147,7 @@ def test_the_gpu_plugin_sets_each_spawned_worker_s_cuda_visible_devices(monkeypa
 
 # Models loaded once per process.
 
+@pytest.mark.slow  # several seconds: a whole build with models
 def test_a_process_loads_each_model_once_however_many_shards_it_runs(tmp_path, models,
                                                                     monkeypatch):
     from cpo_data.backends import comet_score, hf_generate, loaded
@@ -191,6 +192,7 @@ def test_a_process_loads_each_model_once_however_many_shards_it_runs(tmp_path, m
     assert loads["generator"] == 3
 
 
+@pytest.mark.slow  # several seconds: a whole build with models
 def test_a_rebuild_with_everything_cached_loads_no_model(tmp_path, models, monkeypatch):
     """A new process (nothing kept) rebuilding what the caches hold: no weights are read."""
     from cpo_data.backends import comet_score, hf_generate
@@ -215,6 +217,7 @@ def test_a_rebuild_with_everything_cached_loads_no_model(tmp_path, models, monke
     assert loads == Counter({"load_generator": 1, "load_scorer": 2})  # kiwi and chrf
 
 
+@pytest.mark.slow  # a second or two: a whole build
 def test_ingestion_and_truncation_reach_the_summary_manifest_and_inspect(tmp_path, models,
                                                                        capsys):
     from pipelines.cli import print_inspect
@@ -266,6 +269,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 2 s: Dask's connect timeout
 def test_an_unreachable_scheduler_is_a_quick_error_naming_runner_address():
     from pipelines.dask_runner import check_scheduler
 
@@ -277,6 +281,7 @@ def test_an_unreachable_scheduler_is_a_quick_error_naming_runner_address():
     assert time.monotonic() - start < 15
 
 
+@pytest.mark.slow  # a second or two: a local Dask scheduler
 def test_a_scheduler_without_workers_is_an_error_not_a_hang():
     from distributed import LocalCluster
 
@@ -374,7 +379,7 @@ def test_an_unreachable_cluster_fails_the_build_naming_runner_address(tmp_path, 
     with pytest.raises(ConfigError, match=f"runner.address: no Dask scheduler answers at "
                                           f"{address}"):
         build_triplets(str(config), retries=0)
-    assert not list(tmp_path.rglob("_manifest.json"))
+    assert not list(tmp_path.rglob(store.MANIFEST))  # nothing published
 
 
 @pytest.mark.slow

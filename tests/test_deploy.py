@@ -105,6 +105,7 @@ def test_training_on_another_dataset_cannot_be_triggered_by_this_build(tmp_path,
         deploy.deployments(path)
 
 
+@pytest.mark.slow  # several seconds: Prefect's client and the deployment's config
 def test_serve_refuses_to_start_without_a_server(tmp_path, model, monkeypatch, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -137,6 +137,7 @@ def test_devices_compare_as_the_backends_resolve_them(monkeypatch):
 
 # Builds on one device.
 
+@pytest.mark.slow  # several seconds: a whole build with models
 def test_run_build_releases_the_generator_before_the_scorers_load(tmp_path, models, recorder):
     summary = build.run_build(load_config(recipe(tmp_path, models)))
     assert summary.shards == 3 and summary.generated == {"tiny": 24}
@@ -146,6 +147,7 @@ def test_run_build_releases_the_generator_before_the_scorers_load(tmp_path, mode
     assert recorder.alive_after[1] == set()  # the release freed the generator's model
 
 
+@pytest.mark.slow  # several seconds: a whole build with models
 def test_on_different_devices_the_generator_stays(tmp_path, models, recorder, monkeypatch):
     """What the build does where generator and scorers sit on two GPUs, told apart here by
     the device names alone (the models still load on CPU)."""

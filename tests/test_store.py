@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,9 +50,49 @@ def test_manifest_has_counts_hashes_schema_and_provenance(tmp_path):
         data = (folder / entry["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
         assert len(data) == entry["bytes"]
+    assert manifest["systems"] == [{"system": "system_a", "chosen": 6, "rejected": 0},
+                                   {"system": "system_b", "chosen": 0, "rejected": 6}]
+    assert manifest["license"] is None and manifest["conversational_files"] == []
+    # The card and its front matter, written by the store for every version, listed first.
+    card, front = manifest["attachments"]
+    for entry, path in ((card, store.CARD_PATH), (front, store.REPO_YAML)):
+        data = (folder / path).read_bytes()
+        assert entry == {"path": path, "bytes": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest()}
+    assert (folder / store.CARD_PATH).read_text().startswith("---\n")
+    # No README.md at the root: pyarrow would read it as Parquet (see the pandas test).
     assert sorted(p.name for p in folder.iterdir()) == [
-        "__dropped__", "_manifest.json", "de-en", "en-de"]
+        ".huggingface.yaml", ".manifest.json", "__attachments__", "__dropped__", "de-en", "en-de"]
+    assert sorted(p.name for p in (folder / store.ATTACHMENTS_DIR).iterdir()) == ["README.md"]
     assert store.read_dropped(str(tmp_path / "mt"))["reason"].tolist() == ["within_noise"] * 2
+
+
+def _as_legacy(folder: Path) -> None:
+    """Make a published version look like one published before cards: `_manifest.json`
+    with the keys it had then (no `attachments`, `systems`, ...), no card, no
+    `.huggingface.yaml`."""
+    manifest = json.loads((folder / store.MANIFEST).read_text())
+    for key in ("attachments", "systems", "license", "conversational_files"):
+        del manifest[key]
+    (folder / store.MANIFEST).unlink()
+    (folder / store.LEGACY_MANIFEST).write_text(json.dumps(manifest))
+    (folder / store.REPO_YAML).unlink()
+    shutil.rmtree(folder / store.ATTACHMENTS_DIR)
+
+
+def test_a_version_published_with_the_old_manifest_name_still_lists_and_reads(tmp_path):
+    """Versions published before the card have `_manifest.json` (and no card)."""
+    old = _publish(tmp_path, seed=0)
+    folder = tmp_path / "mt" / old
+    _as_legacy(folder)
+    new = _publish(tmp_path, seed=1)
+    assert [m["version"] for m in store.list_versions(str(tmp_path / "mt"))] == [old, new]
+    assert store.read_manifest(str(tmp_path / "mt"), old)["version"] == old
+    frame = store.read_triplets(str(tmp_path / "mt"), old, verify=True)
+    assert frame["src"].str.startswith("source 0-").all() and len(frame) == 6
+    # A folder with neither name is not a version.
+    (folder / store.LEGACY_MANIFEST).rename(folder / "manifest.json")
+    assert [m["version"] for m in store.list_versions(str(tmp_path / "mt"))] == [new]
 
 
 def test_versions_are_listed_in_order_and_latest_is_newest(tmp_path):
@@ -70,11 +111,16 @@ def test_versions_are_listed_in_order_and_latest_is_newest(tmp_path):
 def test_version_folder_opens_with_pandas_and_datasets(tmp_path):
     import datasets
 
-    version = _publish(tmp_path, dropped=sample_dropped(["s1"]))
+    version = _publish(tmp_path, dropped=sample_dropped(["s1"]), conversational=True,
+                       attachments=lambda *_: {"report.html": b"<html></html>"})
     folder = store.version_path(str(tmp_path / "mt"), version)
+    # pyarrow reads every file not starting with "." or "_" as Parquet: the version holds none
+    # but the triplet files (the card, the manifest, dropped and conversational rows are not).
     frame = pd.read_parquet(folder)
-    assert {"prompt", "chosen", "rejected", "lang_pair"} <= set(frame.columns)
-    assert len(frame) == 6  # the dropped rows and the manifest are not read as triplets
+    assert list(frame.columns) == schema.TRIPLETS.names
+    assert len(frame) == 6
+    assert sorted(frame["id"]) == sorted(store.read_triplets(folder.rsplit("/", 1)[0])["id"])
+    assert pd.read_parquet(f"{folder}/de-en")["lang_pair"].tolist() == ["de-en"] * 3
     for loaded in (datasets.load_dataset("parquet", data_files=f"{folder}/*/*.parquet"),
                    datasets.load_dataset(folder)):
         train = loaded["train"]
@@ -143,7 +189,9 @@ def test_object_store_writes_manifest_last(tmp_path):
     fs.pipe_file = record
     try:
         version = store.publish_triplets(sample_triplets(2), "memory://bucket/store", "mt", {})
-        assert written[-1].endswith(f"/mt/{version}/_manifest.json")
+        assert written[-1].endswith(f"/mt/{version}/{store.MANIFEST}")
+        for path in (store.CARD_PATH, store.REPO_YAML):
+            assert any(p.endswith(f"/mt/{version}/{path}") for p in written[:-1])
         assert len(store.read_triplets("memory://bucket/store/mt", verify=True)) == 4
         # A version whose manifest never arrived is invisible.
         fs.pipe_file("/bucket/store/mt/20990101-000000-abcdef/de-en/part-00000.parquet", b"x")

@@ -56,7 +56,7 @@ def test_a_changed_file_or_schema_fails_validation(tmp_path, model_dir):
         load_dataset(config)
     # A file the manifest vouches for, but without the column training reads.
     pq.write_table(table.drop_columns(["chosen"]), part)
-    manifest_path = version_folder(dataset, version) / "_manifest.json"
+    manifest_path = version_folder(dataset, version) / store.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     for entry in manifest["files"]:
         if entry["path"] == "de-en/part-00000.parquet":
@@ -68,7 +68,7 @@ def test_a_changed_file_or_schema_fails_validation(tmp_path, model_dir):
 
 def test_an_empty_version_is_refused(tmp_path, model_dir):
     dataset, version = publish(tmp_path)
-    manifest_path = version_folder(dataset, version) / "_manifest.json"
+    manifest_path = version_folder(dataset, version) / store.MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest.update(files=[], rows=0)
     manifest_path.write_text(json.dumps(manifest))

@@ -38,6 +38,7 @@ LOSSES = ("cpo", "orpo", "dpo")
 FINETUNE = ("lora", "full")
 SCHEDULERS = ("linear", "cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("auto", "bf16", "fp32", "fp64")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")
 
 # Field metadata: the field does not change what a training step computes (where files go,
 # when to save, what to evaluate), so resuming a run with another value is allowed.
@@ -248,6 +249,10 @@ class TrainConfig:
     """When state is saved, how many checkpoints are kept, whether a rerun resumes."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out preference accuracy and test-set translation quality."""
+    report_to: tuple[str, ...] = field(default=(), metadata=RESUME_FREE)
+    """Dashboards that get every metrics.jsonl line as well, same names and steps: any of
+    tensorboard ({run}/tensorboard/), wandb, mlflow, trackio (each a pip extra,
+    `cpo-data[wandb]`); empty: metrics.jsonl only (training/reporting.py)."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -270,6 +275,12 @@ class TrainConfig:
         if self.label_smoothing and self.loss_type != "sigmoid":
             _fail("label_smoothing", "applies to loss_type sigmoid only")
         _check_at_least(self, 1, "batch_size", "gradient_accumulation_steps", "processes")
+        if isinstance(self.report_to, str):
+            _fail("report_to", f"expected a list, e.g. [{self.report_to}]")
+        for i, name in enumerate(self.report_to):
+            _check_choice(f"report_to[{i}]", name, REPORT_TO)
+            if name in self.report_to[:i]:
+                _fail(f"report_to[{i}]", f"{name!r} is named twice")
 
 
 def _check_positive(config, *keys: str) -> None:

@@ -10,7 +10,8 @@
 - `final/`: the trained adapter (or weights) and tokenizer, ready for `from_pretrained`;
 - `metrics.jsonl`: one line per optimizer step (and per evaluation) under the names TRL
   users know: `loss`, `nll_loss`, `rewards/*`, `logps/*`, plus `learning_rate`, `grad_norm`,
-  `tokens_per_second`, `peak_memory_mb`.
+  `tokens_per_second`, `peak_memory_mb`; the same lines go to the dashboards `report_to`
+  names (`training/reporting.py`; TensorBoard's event files in `tensorboard/`).
 
 Launched as several processes (`torchrun`, `accelerate launch`), each trains on its share of
 every step's pairs and the gradients are added up (`training/distributed.py`): a step sees the
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from training import checkpoint as ckpt
-from training import distributed
+from training import distributed, reporting
 from training.config import TrainConfig, resume_settings
 from training.data import TokenizeReport, collate, tokenize_triplets
 from training.errors import TrainingDiverged, TrainingError
@@ -222,6 +223,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     # ---- set up -------------------------------------------------------------------------
     if not rows:
         raise TrainingError("the dataset has no triplets to train on")
+    reporting.check_backends(config.report_to)  # a missing extra stops before any loading
     run_dir = Path(run_dir)
     device = distributed.init(config.device)  # joins the process group when launched
     rank, world = distributed.rank(), distributed.world_size()
@@ -285,6 +287,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
     checkpoint_state = {"config": _resume_settings(config, world), **(manifest or {})}
     last_saved = (start, resume_from) if resume_from is not None else None  # (step, folder)
     metrics: dict[str, float] = {}
+    dashboards = reporting.open_reporters(config, run_dir, start, main)  # train.report_to
 
     def save(step: int) -> tuple[int, Path]:
         # Every process's random-number state, so that a resumed run draws the same dropout.
@@ -300,86 +303,91 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         if main:
             with metrics_path.open("a") as out:
                 out.write(json.dumps(line) + "\n")
+            dashboards.log(line)
 
     # ---- train --------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=start, desc="training", unit="step",
-               disable=not (progress and main))
-    for step in range(start, total_steps):
-        started = time.perf_counter()
-        first, micro_batches = distributed.my_share(plan[step], config.batch_size)
-        batches = [collate([examples[i] for i in micro], pad_id) for micro in micro_batches]
-        # The step's totals over all processes, so each micro-batch's loss is its share of the
-        # step's mean and the shares' gradients add up to the step's gradient.
-        pairs = sum(len(micro) for micro in plan[step])
-        token_total, tokens = (int(n) for n in distributed.reduce_numbers(
-            [sum(nll_tokens(batch, full_nll) for batch in batches),
-             sum(int(batch["attention_mask"].sum()) for batch in batches)], device))
-        parts, references = [], []
-        for batch in batches:
-            batch = _to(batch, device)
-            with _autocast(device, half):
-                logps = forward_logps(model, batch, full_nll, trim)
-                reference = reference_logps(model, batch, trim) if config.loss == "dpo" else None
-                loss = preference_loss(config, logps, reference, pairs, token_total,
-                                       with_metrics=False).loss
-            loss.backward()
-            parts.append(logps.detach())
-            if reference is not None:
-                references.append(reference)
-        distributed.sum_gradients(trainable)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            trainable, config.optimizer.max_grad_norm or math.inf)
-        with torch.no_grad():  # over the whole step's pairs, from every process
-            step_logps = distributed.gather_logps(parts, first, pairs, device, dtype)
-            step_reference = (distributed.gather_logps(references, first, pairs, device, dtype)
-                              if config.loss == "dpo" else None)
-            metrics = preference_loss(config, step_logps, step_reference).metrics
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
-            bar.close()
-            # No update was made: the weights are those after the previous step. Keep them.
-            _, good = last_saved if last_saved and last_saved[0] == step else save(step)
-            bad = ("loss", metrics["loss"]) if not math.isfinite(metrics["loss"]) \
-                else ("gradient norm", float(grad_norm))
-            raise TrainingDiverged(
-                f"{bad[0]} became {bad[1]} at step {step + 1}: training stopped; the last good "
-                f"weights (after step {step}) are in {good}", step + 1, good)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        # The largest process's: the one closest to running out of memory.
-        peak, = distributed.reduce_numbers([peak_memory_mb(device)], device, op="max")
-        metrics.update({
-            "learning_rate": learning_rate, "grad_norm": float(grad_norm), "tokens": tokens,
-            "tokens_per_second": tokens / seconds, "peak_memory_mb": peak,
-        })
-        write_metrics({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, **metrics})
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}",
-                        acc=f"{metrics['rewards/accuracies']:.2f}", lr=f"{learning_rate:.2e}")
-        done = step + 1
-        if done == total_steps or (config.checkpoints.every_steps
-                                    and done % config.checkpoints.every_steps == 0):
-            last_saved = save(done)
-        if held_examples and config.eval.every_steps and done % config.eval.every_steps == 0 \
-                and done != total_steps:
-            write_metrics({"step": done, **evaluate_preferences(
-                model, config, held_examples, pad_id, device, half, trim)})
-        if on_step is not None:
-            on_step(done, metrics)
-    bar.close()
+    # Closed however the loop ends, so that a diverged or interrupted run's last steps
+    # reach the dashboards too.
+    with dashboards:
+        bar = tqdm(total=total_steps, initial=start, desc="training", unit="step",
+                   disable=not (progress and main))
+        for step in range(start, total_steps):
+            started = time.perf_counter()
+            first, micro_batches = distributed.my_share(plan[step], config.batch_size)
+            batches = [collate([examples[i] for i in micro], pad_id) for micro in micro_batches]
+            # The step's totals over all processes, so each micro-batch's loss is its share of
+            # the step's mean and the shares' gradients add up to the step's gradient.
+            pairs = sum(len(micro) for micro in plan[step])
+            token_total, tokens = (int(n) for n in distributed.reduce_numbers(
+                [sum(nll_tokens(batch, full_nll) for batch in batches),
+                 sum(int(batch["attention_mask"].sum()) for batch in batches)], device))
+            parts, references = [], []
+            for batch in batches:
+                batch = _to(batch, device)
+                with _autocast(device, half):
+                    logps = forward_logps(model, batch, full_nll, trim)
+                    reference = (reference_logps(model, batch, trim) if config.loss == "dpo"
+                                 else None)
+                    loss = preference_loss(config, logps, reference, pairs, token_total,
+                                           with_metrics=False).loss
+                loss.backward()
+                parts.append(logps.detach())
+                if reference is not None:
+                    references.append(reference)
+            distributed.sum_gradients(trainable)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, config.optimizer.max_grad_norm or math.inf)
+            with torch.no_grad():  # over the whole step's pairs, from every process
+                step_logps = distributed.gather_logps(parts, first, pairs, device, dtype)
+                step_reference = (distributed.gather_logps(references, first, pairs, device, dtype)
+                                  if config.loss == "dpo" else None)
+                metrics = preference_loss(config, step_logps, step_reference).metrics
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
+                bar.close()
+                # No update was made: the weights are those after the previous step. Keep them.
+                _, good = last_saved if last_saved and last_saved[0] == step else save(step)
+                bad = ("loss", metrics["loss"]) if not math.isfinite(metrics["loss"]) \
+                    else ("gradient norm", float(grad_norm))
+                raise TrainingDiverged(
+                    f"{bad[0]} became {bad[1]} at step {step + 1}: training stopped; the last good "
+                    f"weights (after step {step}) are in {good}", step + 1, good)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            # The largest process's: the one closest to running out of memory.
+            peak, = distributed.reduce_numbers([peak_memory_mb(device)], device, op="max")
+            metrics.update({
+                "learning_rate": learning_rate, "grad_norm": float(grad_norm), "tokens": tokens,
+                "tokens_per_second": tokens / seconds, "peak_memory_mb": peak,
+            })
+            write_metrics({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, **metrics})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                            acc=f"{metrics['rewards/accuracies']:.2f}", lr=f"{learning_rate:.2e}")
+            done = step + 1
+            if done == total_steps or (config.checkpoints.every_steps
+                                        and done % config.checkpoints.every_steps == 0):
+                last_saved = save(done)
+            if held_examples and config.eval.every_steps and done % config.eval.every_steps == 0 \
+                    and done != total_steps:
+                write_metrics({"step": done, **evaluate_preferences(
+                    model, config, held_examples, pad_id, device, half, trim)})
+            if on_step is not None:
+                on_step(done, metrics)
+        bar.close()
 
-    # ---- save ---------------------------------------------------------------------------
-    if last_saved is None or last_saved[0] != total_steps:
-        save(total_steps)
-    eval_metrics = {}
-    if held_examples:
-        eval_metrics = evaluate_preferences(model, config, held_examples, pad_id, device, half,
-                                            trim)
-        write_metrics({"step": total_steps, **eval_metrics})
+        # ---- save -----------------------------------------------------------------------
+        if last_saved is None or last_saved[0] != total_steps:
+            save(total_steps)
+        eval_metrics = {}
+        if held_examples:
+            eval_metrics = evaluate_preferences(model, config, held_examples, pad_id, device, half,
+                                                trim)
+            write_metrics({"step": total_steps, **eval_metrics})
     final = run_dir / FINAL_DIR
     if main:
         ckpt.save_model(final, model, tokenizer)
