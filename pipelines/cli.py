@@ -38,6 +38,11 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from cpo_data.report import REPORT_FILE, write_report
 
+    if args.uri is None:  # the demo's dataset, as `./run demo` publishes it
+        from pipelines.demo import demo_config
+
+        publish = demo_config().publish
+        args.uri, args.name = store.dataset_uri(publish.uri, publish.name), None
     manifest = store.read_manifest(args.uri, args.version, name=args.name)
     if any(e["path"] == REPORT_FILE for e in manifest.get("attachments") or []):
         # Published with the version: listed in its manifest, so not rewritten.
@@ -226,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="the HTML report of a version (written at "
                                  "publishing; rendered now for older versions)")
-    report.add_argument("uri", help="dataset URI ({store}/{name}), or the store with --name")
+    report.add_argument("uri", nargs="?", help="dataset URI ({store}/{name}), or the store "
+                        "with --name (default: the demo's dataset)")
     report.add_argument("--version", default="latest", help="version id (default: latest)")
     report.add_argument("--name", help="dataset name inside the store at URI")
     report.set_defaults(run=_cmd_report)

@@ -184,3 +184,18 @@ def test_push_passes_the_command_line_to_push_version(tmp_path, capsys, monkeypa
     assert calls == [(("s/mt", "org/pairs", "v1"), {"name": None, "private": True,
                                                     "revision": "b"})]
     assert capsys.readouterr().out.endswith("pushed    URL\n")
+
+
+def test_report_without_a_dataset_is_the_demo_s(monkeypatch, capsys):
+    from cpo_data import report
+    from pipelines.demo import demo_config
+
+    publish = demo_config().publish
+    written = []
+    monkeypatch.setattr(store, "read_manifest", lambda uri, version, name=None: {
+        "version": "v1", "attachments": []})
+    monkeypatch.setattr(report, "write_report",
+                        lambda uri, version, name=None: written.append((uri, version)) or "P")
+    assert main(["report"]) == 0
+    assert written == [(store.dataset_uri(publish.uri, publish.name), "v1")]
+    assert capsys.readouterr().out == "report    P\n"
