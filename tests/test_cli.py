@@ -49,6 +49,10 @@ def test_demo_builds_through_the_flow_and_shows_the_version(tmp_path, capsys, pr
     assert mean(last, "loss") < mean(first, "loss") - 1
     assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies")
     assert "test set (trained): de-en rows 20" in out and "test set (base)" in out
+    # It ends with what the numbers mean, the real recipe, and the report's path.
+    assert "the wiring, not translation quality" in out and "configs/alma-r.yaml" in out
+    report = Path(store.version_path(str(tmp_path / "demo"))) / "__attachments__/report.html"
+    assert out.rstrip().splitlines()[-1] == f"report    {report}" and report.is_file()
 
 
 def test_versions_and_inspect(tmp_path, capsys):
