@@ -351,8 +351,7 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
         license=publish.license, conversational=publish.conversational,
         attachments=report_page if publish.report else None)
     if publish.report:
-        summary.report = (f"{store.version_path(summary.dataset_uri, summary.version)}/"
-                          f"{REPORT_FILE}")
+        summary.report = f"{summary.dataset_uri.rstrip('/')}/{summary.version}/{REPORT_FILE}"
     summary.triplets = selection.triplets.num_rows
     summary.candidates = candidates.num_rows if candidates is not None else 0
     summary.dropped = dict(Counter(dropped.column("reason").to_pylist()))

@@ -40,6 +40,9 @@ LENGTH_RATIO = "length_ratio"
 REPETITION = "repetition"
 TRUNCATED_GENERATION = "truncated_generation"
 CRITICAL_ERROR = "critical_error"
+NAMES = (COPY_OF_SOURCE, OFF_TARGET, LENGTH_RATIO, REPETITION, TRUNCATED_GENERATION,
+         CRITICAL_ERROR)
+"""Every guard, as its veto reason and its `guards:` key."""
 CHOSEN_ONLY = frozenset({CRITICAL_ERROR})
 """Guards that veto only the chosen side: such a candidate may still be rejected."""
 

@@ -18,7 +18,8 @@ from cpo_data import store
 # A repository mirrors one version: files of an earlier push that this one does not bring
 # (a language pair dropped since, old attachments) are deleted in the same commit.
 # `.gitattributes` and other files (a user's own notes) are left alone.
-STALE = ["*.parquet", store.MANIFEST, store.LEGACY_MANIFEST, f"{store.ATTACHMENTS_DIR}/*"]
+STALE = ["*.parquet", store.MANIFEST, store.LEGACY_MANIFEST, store.REPO_YAML,
+         f"{store.ATTACHMENTS_DIR}/*"]
 
 
 def push_version(uri: str, repo_id: str, version: str = "latest", *, name: str | None = None,

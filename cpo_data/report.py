@@ -28,14 +28,7 @@ import fsspec
 import pyarrow as pa
 
 from cpo_data import store
-from cpo_data.guards import (
-    COPY_OF_SOURCE,
-    CRITICAL_ERROR,
-    LENGTH_RATIO,
-    OFF_TARGET,
-    REPETITION,
-    TRUNCATED_GENERATION,
-)
+from cpo_data.guards import NAMES as GUARDS
 from cpo_data.langs import LANGUAGES
 
 REPORT_NAME = "report.html"
@@ -43,8 +36,6 @@ REPORT_FILE = f"{store.ATTACHMENTS_DIR}/{REPORT_NAME}"
 """Where the page sits in a version's folder: with the files `publish_triplets(attachments=)`
 writes, in a `__` folder that `datasets` and pyarrow do not read as data."""
 
-GUARDS = (COPY_OF_SOURCE, OFF_TARGET, LENGTH_RATIO, REPETITION, TRUNCATED_GENERATION,
-          CRITICAL_ERROR)
 SAMPLE_PAIRS = 5
 CHOSEN_COLOUR, REJECTED_COLOUR, LINE_COLOUR = "#2b8a3e", "#c92a2a", "#1c7ed6"
 
@@ -484,6 +475,13 @@ def attachment(manifest: dict, triplets: pa.Table, dropped: pa.Table) -> dict[st
     """The report as an attachment, for `store.publish_triplets(..., attachments=attachment)`:
     written with the version and listed, with its sha256, in its manifest."""
     return {REPORT_NAME: render_report(manifest, triplets, dropped).encode("utf-8")}
+
+
+def published_report(manifest: dict) -> str | None:
+    """The report's path inside the version folder when it was published with the version
+    (listed in its manifest); None otherwise."""
+    listed = any(e["path"] == REPORT_FILE for e in manifest.get("attachments") or [])
+    return REPORT_FILE if listed else None
 
 
 def write_report(uri: str, version: str = "latest", *, name: str | None = None) -> str:

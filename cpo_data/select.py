@@ -281,7 +281,8 @@ def select_triplets(sources: pa.Table, candidates: pa.Table | None, scores: pa.T
         builder.report.sources += 1
         labelled = source["human_preferred"] is not None
         if labelled and rank_by is not None:
-            _tally_agreement(builder.report.agreement, source, score_map, rank_by)
+            _tally_agreement(builder.report.agreement, source, score_map, rank_by,
+                             rank_by in config.lower_is_better)
         if labelled and config.use_human_labels:
             _pair_by_label(builder, source, score_map)
         elif rank_by is None:
@@ -306,7 +307,7 @@ def _labelled_texts(source: dict) -> tuple[str, str]:
 
 
 def _tally_agreement(agreement: LabelAgreement, source: dict, score_map: ScoreMap,
-                     rank_by: str) -> None:
+                     rank_by: str, lower_is_better: bool) -> None:
     agreement.labelled += 1
     preferred, dispreferred = _labelled_texts(source)
     sid = source["source_id"]
@@ -315,6 +316,8 @@ def _tally_agreement(agreement: LabelAgreement, source: dict, score_map: ScoreMa
     if good is None or bad is None:
         return
     agreement.compared += 1
+    if lower_is_better:
+        good, bad = -good, -bad
     if good > bad:
         agreement.agree += 1
     elif good == bad:

@@ -38,6 +38,7 @@ import re
 import secrets
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -161,7 +162,13 @@ def _check_attachments(found: Any, pairs: list[str]) -> dict[str, bytes]:
 
 
 def _system_counts(triplets: pa.Table) -> list[dict]:
-    chosen, rejected = _counts(triplets, "chosen_system"), _counts(triplets, "rejected_system")
+    """Per system: chosen and rejected counts. A text several systems gave (`ref+gpt4`)
+    counts for each of them, as `select.system_counts` does."""
+    def per_system(column: str) -> Counter:
+        return Counter(system for names in triplets.column(column).to_pylist()
+                       for system in names.split("+"))
+
+    chosen, rejected = per_system("chosen_system"), per_system("rejected_system")
     return [{"system": s, "chosen": chosen.get(s, 0), "rejected": rejected.get(s, 0)}
             for s in sorted(chosen.keys() | rejected.keys())]
 

@@ -36,7 +36,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from cpo_data.report import REPORT_FILE, write_report
+    from cpo_data.report import published_report, write_report
 
     if args.uri is None:  # the demo's dataset, as `./run demo` publishes it
         from pipelines.demo import demo_config
@@ -44,10 +44,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
         publish = demo_config().publish
         args.uri, args.name = store.dataset_uri(publish.uri, publish.name), None
     manifest = store.read_manifest(args.uri, args.version, name=args.name)
-    if any(e["path"] == REPORT_FILE for e in manifest.get("attachments") or []):
-        # Published with the version: listed in its manifest, so not rewritten.
-        path = f"{store.version_path(args.uri, manifest['version'], name=args.name)}/" \
-               f"{REPORT_FILE}"
+    listed = published_report(manifest)
+    if listed:  # published with the version, so not rewritten
+        path = f"{store.version_path(args.uri, manifest['version'], name=args.name)}/{listed}"
     else:
         path = write_report(args.uri, manifest["version"], name=args.name)
     print(f"report    {path}")

@@ -58,8 +58,9 @@ def print_inspect(uri: str, version: str = "latest", name: str | None = None,
     provenance = manifest.get("provenance", {})
     if "vetoes" in provenance:  # versions built before the guards have no such entry
         print(f"vetoed    {_vetoes(provenance['vetoes'], provenance.get('guarded', 0))}")
-    report = next((e["path"] for e in manifest.get("attachments") or []
-                   if e["path"].endswith("/report.html")), None)
+    from cpo_data.report import published_report
+
+    report = published_report(manifest)
     if report:
         print(f"report    {path}/{report}")
     if "min_margin" in provenance:

@@ -263,6 +263,8 @@ def test_push_uploads_every_listed_file_verified(tmp_path, hub):
     assert upload["repo_id"] == "me/mt" and upload["repo_type"] == "dataset"
     assert manifest["version"] in upload["commit_message"] and upload["revision"] is None
     assert "*.parquet" in upload["delete_patterns"]
+    # An older push's configs would otherwise stay and override this version's card.
+    assert store.REPO_YAML in upload["delete_patterns"]
     on_disk = {p.relative_to(folder).as_posix(): p.read_bytes()
                for p in Path(folder).rglob("*") if p.is_file()}
     assert "README.md" not in on_disk

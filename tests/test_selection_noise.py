@@ -169,3 +169,17 @@ def test_the_noise_settings_read_from_yaml(tmp_path):
     assert (selection.pairs, selection.pairs_per_source) == ("all_above_margin", 4)
     assert selection.agreement_scores == ("chrf", "ter") and selection.margin_floor == 1.5
     assert selection.lower_is_better == ("ter",)  # TER scorers, filled in by the build
+
+
+def test_label_agreement_reads_a_lower_is_better_rank_the_right_way_round():
+    pool = {"x": [("a", ["a"], {"ter": 20.0}), ("b", ["b"], {"ter": 60.0})],
+            "y": [("c", ["a"], {"ter": 70.0}), ("d", ["b"], {"ter": 30.0})]}
+    # Humans prefer a in x (lower TER: agrees) and c in y (higher TER: disagrees).
+    selection = _select(pool, rank_by="ter", lower_is_better=("ter",),
+                        labels=[("a", "b"), ("a", "b")])
+    agreement = selection.report.agreement
+    assert (agreement.compared, agreement.agree, agreement.ties) == (2, 1, 0)
+    # Preferring the lower TER in both, they agree twice (read as higher-is-better: never).
+    both = _select(pool, rank_by="ter", lower_is_better=("ter",),
+                   labels=[("a", "b"), ("b", "a")]).report.agreement
+    assert (both.compared, both.agree) == (2, 2)

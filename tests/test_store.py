@@ -313,3 +313,15 @@ def test_public_api_is_importable_from_the_package(tmp_path):
     frame = cpo_data.read_triplets(str(tmp_path / "mt"), version="latest")
     assert list(frame["chosen"]) == sorted(frame["chosen"]) and len(frame) == 2
     assert cpo_data.read_manifest(str(tmp_path / "mt"))["version"] == version
+
+
+def test_the_manifest_counts_each_system_of_a_shared_text(tmp_path):
+    """`ref+system_a` (a text both gave) counts once for each, as selection's tallies do."""
+    rows = sample_triplets(2).to_pylist()
+    rows[0]["chosen_system"] = "ref+system_a"
+    version = store.publish_triplets(pa.Table.from_pylist(rows, schema=schema.TRIPLETS),
+                                     str(tmp_path), "mt")
+    assert store.read_manifest(str(tmp_path / "mt"), version)["systems"] == [
+        {"system": "ref", "chosen": 1, "rejected": 0},
+        {"system": "system_a", "chosen": 4, "rejected": 0},
+        {"system": "system_b", "chosen": 0, "rejected": 4}]

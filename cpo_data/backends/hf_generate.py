@@ -294,11 +294,12 @@ class HFGenerator:
         output = self.model.generate(**inputs, **kwargs, **extra)
         if not self.seq2seq:
             output = output[:, inputs["input_ids"].shape[1]:]
-        decoded = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        generated = output.tolist()  # one copy off the device, for decoding and the flags
+        decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         ending = self._ending(kwargs)
-        stopped = [ending.stopped_at_limit(row[1:].tolist()) if self.seq2seq
-                   else ending.stopped_at_limit(row.tolist(), text)
-                   for row, text in zip(output, decoded, strict=True)]
+        stopped = [ending.stopped_at_limit(row[1:]) if self.seq2seq
+                   else ending.stopped_at_limit(row, text)
+                   for row, text in zip(generated, decoded, strict=True)]
         texts = [self._clean(t) for t in decoded]
         n = self.config.num_candidates
         self.batches += 1
