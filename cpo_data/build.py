@@ -23,14 +23,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cpo_data import __version__, guards, schema, select, sources, store
+from cpo_data import __version__, guards, schema, select, sources, staging, store
 from cpo_data.config import BuildConfig, ConfigError
 from cpo_data.fingerprint import generator_weights, scorer_weights
-from cpo_data.generate import Candidates, GenerateError, generate_candidates, provided_systems
+from cpo_data.generate import (
+    Candidates,
+    GenerateError,
+    GenerateReport,
+    generate_candidates,
+    provided_systems,
+)
 from cpo_data.identity import generator_identity, scorer_identity
 from cpo_data.report import REPORT_FILE
 from cpo_data.report import attachment as report_page
-from cpo_data.score import Scores, score_candidates
+from cpo_data.score import ScoreReport, Scores, score_candidates
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +154,41 @@ def score_shard(candidates: pa.Table, shard: pa.Table, config: BuildConfig) -> S
         return score_candidates(candidates, shard, config.score, scorers)
 
 
+def staged_generate(shard: pa.Table, config: BuildConfig, key: str) -> tuple[Candidates, bool]:
+    """The shard's candidates from `work_dir/shards` (`cpo_data.staging`) when an earlier run
+    finished them, else generated now and kept there; and whether they were reused."""
+    found = staging.load(config.work_dir, key)
+    if found is not None:
+        return Candidates(found.table, found.dropped, GenerateReport(**found.report)), True
+    result = generate_shard(shard, config)
+    staging.save(config.work_dir, key, result.table, result.dropped,
+                 dataclasses.asdict(result.report))
+    return result, False
+
+
+def staged_candidates(config: BuildConfig, key: str) -> Candidates:
+    """The candidates a finished generation stage kept (for its scoring and selection)."""
+    found = staging.load(config.work_dir, key)
+    if found is None:
+        raise RuntimeError(f"{staging.staged_dir(config.work_dir)}/{key}: the shard's "
+                           "candidates are gone since its generation finished")
+    return Candidates(found.table, found.dropped, GenerateReport(**found.report))
+
+
+def staged_score(shard: pa.Table, config: BuildConfig, key: str,
+                 generate_key: str) -> tuple[Scores, bool]:
+    """The shard's scores from `work_dir/shards` when an earlier run finished them, else
+    scored now (over the staged candidates) and kept there; and whether they were reused."""
+    found = staging.load(config.work_dir, key)
+    if found is not None:
+        return Scores(found.table, found.dropped, ScoreReport(**found.report)), True
+    candidates = staged_candidates(config, generate_key)
+    result = score_shard(candidates.table, shard, config)
+    staging.save(config.work_dir, key, result.table, result.dropped,
+                 dataclasses.asdict(result.report))
+    return result, False
+
+
 @dataclass
 class BuildSummary:
     """What a build did: the summary the CLI prints and the flow returns."""
@@ -186,6 +227,9 @@ class BuildSummary:
     """Per score column: count, mean, min, max over scored candidates; and the margins."""
     previous_version: str | None = None
     """The dataset's newest version before this build, if any."""
+    unchanged: bool = False
+    """The triplets and dropped rows equal the previous version's: nothing was published,
+    and `version` is the previous version."""
     sources_new: int = 0
     """Sources that the previous version did not hold (all of them on a first build)."""
     sources_reused: int = 0
@@ -221,6 +265,7 @@ class BuildRun:
 def start_build(config: BuildConfig) -> BuildRun:
     """Everything before the first model loads: caches under work_dir, sources, checks, shards."""
     config = with_work_dir(config)
+    staging.sweep(config.work_dir)  # what a killed build left half-written
     loaded = load_build_sources(config)
     check_build(config, loaded.table)
     parts = shards(loaded.table, config.shard_size)
@@ -349,7 +394,8 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
     summary.version = store.publish_triplets(
         selection.triplets, publish.uri, publish.name, provenance, dropped=dropped,
         license=publish.license, conversational=publish.conversational,
-        attachments=report_page if publish.report else None)
+        attachments=report_page if publish.report else None, lock_wait_s=publish.lock_wait_s)
+    summary.unchanged = summary.version == summary.previous_version
     if publish.report:
         summary.report = f"{summary.dataset_uri.rstrip('/')}/{summary.version}/{REPORT_FILE}"
     summary.triplets = selection.triplets.num_rows
@@ -371,21 +417,39 @@ def select_and_publish(run: BuildRun) -> BuildSummary:
     return summary
 
 
+def dataset_lock(config: BuildConfig):
+    """The published dataset's one-writer lock, held by a build from its first step to its
+    publish, so a second build of the dataset waits or stops before doing any work."""
+    publish = config.publish
+    return store.dataset_lock(publish.uri, publish.name, wait_s=publish.lock_wait_s,
+                              what="a build")
+
+
 def run_build(config: BuildConfig, progress: Callable[[str], None] = log.info) -> BuildSummary:
     """The whole build without Prefect: the same stages, every shard's generation, then every
     shard's scoring. In that order the generators are released once, when the first scorer
     loads on their device (`loaded.release`), instead of a 13B model being read again for each
     shard; `progress` hears of each shard once it is scored."""
+    with dataset_lock(config):
+        return _run_build(config, progress)
+
+
+def _run_build(config: BuildConfig, progress: Callable[[str], None]) -> BuildSummary:
     run = start_build(config)
     count = len(run.shards)
-    generated = []
-    for number, shard in enumerate(run.shards, 1):
-        generated.append(generate_shard(shard, run.config))
-        log.info("generated shard %d/%d: %d sources, %d candidates", number, count,
-                 shard.num_rows, generated[-1].table.num_rows)
-    for number, (shard, candidates) in enumerate(zip(run.shards, generated, strict=True), 1):
-        scored = score_shard(candidates.table, shard, run.config)
-        add_shard(run, candidates, scored, generated_on=process_name(),
+    keys = [shard_keys(run, shard) for shard in run.shards]
+    reused = []
+    for number, (shard, (generate_key, _)) in enumerate(zip(run.shards, keys, strict=True), 1):
+        candidates, was_reused = staged_generate(shard, run.config, generate_key)
+        reused.append(was_reused)
+        log.info("generated shard %d/%d: %d sources, %d candidates%s", number, count,
+                 shard.num_rows, candidates.table.num_rows, " (reused)" if was_reused else "")
+    for number, (shard, (generate_key, score_key), generate_reused) in enumerate(
+            zip(run.shards, keys, reused, strict=True), 1):
+        scored, score_reused = staged_score(shard, run.config, score_key, generate_key)
+        candidates = staged_candidates(run.config, generate_key)
+        add_shard(run, candidates, scored, generated_now=not generate_reused,
+                  scored_now=not score_reused, generated_on=process_name(),
                   scored_on=process_name())
         progress(f"shard {number}/{count}: {shard.num_rows} sources, "
                  f"{candidates.table.num_rows} candidates, {scored.table.num_rows} scores")

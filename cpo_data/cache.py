@@ -14,12 +14,21 @@ memory; when two writers stored the same key, the values are equal by constructi
 content, same identity), so the first one read wins. `open_cache` hands every caller in a
 process the same object per folder, so a build of many shards reads each segment once instead
 of once per shard (which grew with the square of the shard count).
+
+After a kill: a segment that does not parse (torn: cut short by a crash of a file system
+that renamed before it flushed, a full disk, a partial copy) is skipped with one warning and
+moved aside as `torn-<name>`, so that its entries are recomputed and stored again by the next
+`put_many` and no later reader trips on it. Moved aside, not deleted: keeping it costs some
+disk, while deleting a file that only this reader's pyarrow fails on (one a newer pyarrow
+wrote) would lose it for every reader. Temporary files of writers that were killed between write
+and rename are removed by the next writer (`leftovers.sweep`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import threading
 import uuid
@@ -32,7 +41,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cpo_data.leftovers import stamped, sweep
+
+log = logging.getLogger(__name__)
+
 _SEGMENT_SCHEMA = pa.schema([("key", pa.string()), ("value", pa.string())])
+_TEMPORARY = ".tmp-seg-"  # + owner tag: see `leftovers.stamped`
 
 Item = TypeVar("Item")
 Value = TypeVar("Value")
@@ -57,6 +71,7 @@ class ContentCache:
         self._index: dict[str, str] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()  # one object may serve several task threads
+        self._swept = False
         self.hits = 0
         self.misses = 0
         self.writes = 0
@@ -72,11 +87,31 @@ class ContentCache:
             name = posixpath.basename(path)
             if not name.startswith("seg-") or not name.endswith(".parquet") or path in self._loaded:
                 continue
-            table = pq.read_table(pa.BufferReader(self.fs.cat_file(path)), use_threads=False)
+            data = self.fs.cat_file(path)  # an I/O error is raised: the file may be fine
+            try:
+                table = pq.read_table(pa.BufferReader(data), use_threads=False)
+            except pa.ArrowException as error:
+                self._set_aside(path, error)
+                continue
             for key, value in zip(table.column("key").to_pylist(),
                                   table.column("value").to_pylist(), strict=True):
                 self._index.setdefault(key, value)
             self._loaded.add(path)
+
+    def _set_aside(self, path: str, error: Exception) -> None:
+        """A segment that does not parse: skipped from now on, and moved out of the way."""
+        self._loaded.add(path)  # one warning per process even where it cannot be moved
+        aside = posixpath.join(self.folder, f"torn-{posixpath.basename(path)}")
+        try:
+            self.fs.mv(path, aside)
+        except FileNotFoundError:  # another reader moved it first
+            return
+        except OSError as move_error:
+            log.warning("cache segment %s is unreadable (%s), skipped; it could not be moved "
+                        "aside (%s)", path, error, move_error)
+            return
+        log.warning("cache segment %s is unreadable (%s): skipped and moved to %s; its "
+                    "entries are computed again", path, error, aside)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The cached values of those `keys` that are present; counts hits and misses."""
@@ -100,7 +135,11 @@ class ContentCache:
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
         if isinstance(self.fs, LocalFileSystem):
-            temporary = posixpath.join(self.folder, f".tmp-{name}")
+            if not self._swept:  # once per object: killed writers' temporary files
+                self._swept = True
+                for path in sweep(self.fs, self.folder, _TEMPORARY):
+                    log.info("removed %s, left by a writer that is gone", path)
+            temporary = posixpath.join(self.folder, stamped(_TEMPORARY))
             self.fs.pipe_file(temporary, data)
             self.fs.mv(temporary, final)
         else:

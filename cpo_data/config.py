@@ -298,12 +298,17 @@ class PublishConfig:
     report: bool = True
     """Write `report.html` into each version (`__attachments__/`): score distributions,
     margins, system win/loss, drops and vetoes, sample pairs (README, "The report")."""
+    lock_wait_s: float = 0.0
+    """How long a build waits for another build of the same dataset to finish (one writer per
+    dataset: `store.dataset_lock`); 0: stop at once, naming the build that holds the lock."""
 
     def __post_init__(self) -> None:
         if not self.uri:
             _fail("uri", "must name a folder or fsspec URI")
         if not self.name or "/" in self.name or self.name.startswith((".", "_")):
             _fail("name", f"{self.name!r} must be a plain folder name")
+        if not 0 <= self.lock_wait_s < float("inf"):
+            _fail("lock_wait_s", f"{self.lock_wait_s} must be 0 or more seconds")
         if self.license is not None and (not self.license[:1].isalnum() or set(self.license)
                                          - set("abcdefghijklmnopqrstuvwxyz0123456789.+-")):
             _fail("license", f"{self.license!r} is not a Hub licence id (lower case, no "
@@ -325,6 +330,11 @@ class RunnerConfig:
     this machine for the build and stops it after."""
     workers: int | None = None
     """dask, local cluster: worker processes; null means one per visible GPU, else 1."""
+    dashboard: str | None = "127.0.0.1:8787"
+    """dask, local cluster: HOST:PORT of Dask's dashboard; null: none. The default listens on
+    this machine only (the dashboard has no login and shows task names, file paths and
+    worker logs); 0.0.0.0:8787 opens it to the network. Dask replaces a port in use by a free
+    one. Ignored with address (a running cluster has its own)."""
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, RUNNER_KINDS)
@@ -339,6 +349,17 @@ class RunnerConfig:
                       "workers it was started with")
         if self.address is not None and not self.address.strip():
             _fail("address", "name a scheduler (tcp://host:8786), or null for a local cluster")
+        if self.dashboard is not None:
+            self._check_dashboard(self.dashboard)
+
+    @staticmethod
+    def _check_dashboard(value: str) -> None:
+        # Dask itself reads ":8787" as every interface; a host is required so that opening
+        # the dashboard to the network is written out (0.0.0.0), never implied.
+        host, colon, port = value.rpartition(":")
+        if not (colon and host.strip() and port.isdigit() and int(port) <= 65535):
+            _fail("dashboard", f"{value!r} is not HOST:PORT (127.0.0.1:8787 for this machine "
+                  "only, 0.0.0.0:8787 for every interface), or null for no dashboard")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Separate from `cpo_data.sources` because reading a file is all these functions d
 becomes the same stream of (row number, dict), and `cpo_data.sources` alone decides what a row
 means (its columns, the ALMA-R layout), so every format shares its checks and error messages.
 Rows are numbered from 1 in file order: for JSONL that is the line number, for CSV/TSV the data
-row after the header. Blank lines (JSONL) and empty rows (CSV/TSV) hold no data: skipped.
+row after the header (a quoted field may span physical lines, so a CSV row number is not a line
+number; errors the csv module raises name both). Blank lines (JSONL) and empty rows (CSV/TSV)
+hold no data: skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import pyarrow.parquet as pq
 
 from cpo_data.config import SourcesConfig
 from cpo_data.errors import UserError
+
+# csv refuses fields over 128 KiB by default, a bound meant to stop a runaway quoted field from
+# filling memory. Here the whole file is already in memory (`_decode`), so a field can be no
+# larger than it and the bound only refuses long documents. 2**31 - 1 is the largest value every
+# platform's C long holds (sys.maxsize overflows where long is 32-bit, as on Windows). The limit
+# is the csv module's, for the whole process: raising it only admits longer fields.
+FIELD_SIZE_LIMIT = 2**31 - 1
 
 
 class SourceError(UserError):
@@ -68,8 +77,11 @@ def _decode(path: str) -> str:
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
-        if not line.strip():
+    # Lines end at "\n" only: str.splitlines() also breaks at U+2028, U+2029, U+0085 and other
+    # separators that JSON strings may hold unescaped. Blank means JSON whitespace only.
+    for number, line in enumerate(_decode(path).split("\n"), start=1):
+        line = line.removesuffix("\r")  # CRLF files
+        if not line.strip(" \t\r"):
             continue
         try:
             row = json.loads(line)
@@ -83,21 +95,42 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
 def _delimited_rows(path: str, delimiter: str) -> Iterator[tuple[int, dict]]:
     # TSV bitext rarely quotes and often contains quote characters inside the text.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    csv.field_size_limit(FIELD_SIZE_LIMIT)
+    # strict: a quote that opens a field and never closes is an error, where the lenient reader
+    # would swallow the rest of the file into that field and lose every later row unsaid.
     reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter,
-                        quoting=quoting)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    for number, values in enumerate(reader, start=1):
-        if not values:
-            continue
-        if len(values) != len(header):
+                        quoting=quoting, strict=True)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+
+    def read(number: int) -> list[str] | None:
+        """Data row `number` (0: the header), or None at the end of the file."""
+        starts = reader.line_num + 1
+        try:
+            return next(reader)
+        except StopIteration:
+            return None
+        except csv.Error as error:
+            what = "the header" if number == 0 else "this row"
             raise SourceError(
-                path, number, None,
-                f"has {len(values)} fields, the header has {len(header)}",
-            )
-        yield number, dict(zip(header, values, strict=True))
+                path, number or None, None,
+                f"unreadable {kind}: {error} ({what} starts on line {starts}, the reader "
+                f"stopped on line {reader.line_num}); a quote that opens a field must close "
+                "it, and a quote inside a quoted field is written twice",
+            ) from None
+
+    header = read(0)
+    if header is None:
+        return
+    number = 1
+    while (values := read(number)) is not None:
+        if values:
+            if len(values) != len(header):
+                raise SourceError(
+                    path, number, None,
+                    f"has {len(values)} fields, the header has {len(header)}",
+                )
+            yield number, dict(zip(header, values, strict=True))
+        number += 1
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[int, dict]]:

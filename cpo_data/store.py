@@ -37,7 +37,6 @@ import posixpath
 import re
 import secrets
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -51,7 +50,7 @@ import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from cpo_data import card, schema
+from cpo_data import card, leftovers, locks, schema
 from cpo_data.errors import UserError
 
 MANIFEST = ".manifest.json"
@@ -72,6 +71,11 @@ READ_FORMATS = ("standard", "conversational")
 RUNS_DIR = "_runs"
 FORMAT = "cpo-data/triplets"
 _LANG_PAIR = re.compile(r"^[a-z]{2,3}-[a-z]{2,3}$")
+_VERSION_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+TEMPORARY = ".tmp-"
+"""Prefix of a local version being written; one whose writer is gone is swept by the next."""
+CONTENT_KEYS = ("files", "dropped_files", "conversational_files")
+"""The manifest entries that make a version's content: equal entries, equal data."""
 
 
 class StoreError(UserError):
@@ -183,6 +187,8 @@ def publish_triplets(
     license: str | None = None,
     conversational: bool = False,
     attachments: Callable[[dict, pa.Table, pa.Table], Mapping[str, bytes]] | None = None,
+    lock_wait_s: float = 0.0,
+    skip_unchanged: bool = True,
 ) -> str:
     """Publish `table` (the triplets schema) as a new immutable version of dataset `name`.
 
@@ -194,6 +200,11 @@ def publish_triplets(
     triplets; the dropped rows) and returns plain file names -> bytes, written to
     `__attachments__/` before the manifest and listed in it with the card (`README.md`, which
     the store writes itself). Returns the new version id.
+
+    One writer at a time per dataset (`locks.dataset_lock`, waiting up to `lock_wait_s`).
+    With `skip_unchanged`, a table whose files equal the newest version's (triplets, dropped,
+    conversational, byte for byte) and licence publishes nothing: the newest version's id is
+    returned, so a rerun after a kill that came after the publish adds no second copy.
     """
     triplets = schema.validate(table, schema.TRIPLETS, what="triplets")
     dropped = schema.validate(
@@ -214,48 +225,102 @@ def publish_triplets(
     fs, root = _filesystem(uri)
     _require_folder(fs, root, uri)
     dataset_dir = posixpath.join(root, name)
-    _require_folder(fs, dataset_dir, dataset_uri(uri, name))
-    version = _new_version_id()
-    local = isinstance(fs, LocalFileSystem)
-    # Object stores have no rename: write in place, the manifest (last) makes it visible.
-    folder = posixpath.join(dataset_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}" if local
-                            else version)
-    try:
-        written = _write_files(fs, folder, triplets, dropped, conversational)
-        manifest = {
-            "format": FORMAT,
-            "schema_version": schema.SCHEMA_VERSION,
-            "name": name,
-            "version": version,
-            "created_at": datetime.now(UTC).isoformat(),
-            "rows": triplets.num_rows,
-            "rows_per_lang_pair": _counts(triplets, "lang_pair"),
-            "dropped_rows": dropped.num_rows,
-            "dropped_per_reason": _counts(dropped, "reason"),
-            "systems": _system_counts(triplets),
-            "license": license,
-            "columns": triplets.column_names,
-            **written,
-            "provenance": provenance_json,
-        }
-        extra = _check_attachments(
-            attachments(copy.deepcopy(manifest), triplets, dropped) if attachments else {},
-            pairs)
-        listed = [_entry(fs, folder, f"{ATTACHMENTS_DIR}/{n}", data) for n, data in extra.items()]
-        # The card lists the attachments; the manifest lists the card, then them.
-        text = card.render_card({**manifest, "attachments": listed})
-        front = yaml.safe_dump(card.front_matter(manifest), sort_keys=False, allow_unicode=True)
-        manifest["attachments"] = [_entry(fs, folder, CARD_PATH, text.encode()),
-                                   _entry(fs, folder, REPO_YAML, front.encode()), *listed]
-        fs.pipe_file(posixpath.join(folder, MANIFEST),
-                     json.dumps(manifest, indent=2, ensure_ascii=False).encode())
-        if local:
-            fs.mv(folder, posixpath.join(dataset_dir, version), recursive=True)
-    except BaseException:
-        if local and fs.exists(folder):
-            fs.rm(folder, recursive=True)
-        raise
+    where = dataset_uri(uri, name)
+    _require_folder(fs, dataset_dir, where)
+    with locks.dataset_lock(fs, dataset_dir, where, wait_s=lock_wait_s, what="a publish"):
+        _clear_abandoned(fs, dataset_dir)
+        newest = _newest_manifest(fs, dataset_dir, where)
+        version = _new_version_id()
+        local = isinstance(fs, LocalFileSystem)
+        # Object stores have no rename: write in place, the manifest (last) makes it visible.
+        folder = posixpath.join(dataset_dir, leftovers.stamped(TEMPORARY) if local else version)
+        locks.announce_writing(fs, dataset_dir, version)
+        try:
+            written = _write_files(fs, folder, triplets, dropped, conversational)
+            if skip_unchanged and newest is not None and _same_content(newest, written, license):
+                fs.rm(folder, recursive=True)
+                return newest["version"]
+            _finish_version(fs, folder, version, name, triplets, dropped, written, license,
+                            provenance_json, attachments, pairs)
+            if local:
+                fs.mv(folder, posixpath.join(dataset_dir, version), recursive=True)
+        except BaseException:
+            if fs.exists(folder) and (local or not fs.exists(posixpath.join(folder, MANIFEST))):
+                fs.rm(folder, recursive=True)
+            raise
     return version
+
+
+def _clear_abandoned(fs: fsspec.AbstractFileSystem, dataset_dir: str) -> None:
+    """Under the lock: remove what dead writers left (local temporary folders whose owner is
+    gone; on object stores, the version folder an expired lock's holder was filling)."""
+    if isinstance(fs, LocalFileSystem):
+        leftovers.sweep(fs, dataset_dir, TEMPORARY)
+        return
+    abandoned = locks.abandoned_version(fs, dataset_dir)
+    if abandoned and _VERSION_ID.match(abandoned):
+        folder = posixpath.join(dataset_dir, abandoned)
+        if fs.exists(folder) and _manifest_path(fs, folder) is None:
+            fs.rm(folder, recursive=True)
+
+
+def _newest_manifest(fs: fsspec.AbstractFileSystem, dataset_dir: str, where: str) -> dict | None:
+    if not fs.exists(dataset_dir):
+        return None
+    manifests, _ = _scan(fs, dataset_dir, where)
+    return manifests[-1] if manifests else None
+
+
+def _same_content(manifest: dict, written: dict[str, list[dict]], license: str | None) -> bool:
+    def content(entries: Mapping[str, Any]) -> list:
+        return [[(e["path"], e["sha256"]) for e in entries.get(key) or []] for key in CONTENT_KEYS]
+
+    return (manifest.get("schema_version") == schema.SCHEMA_VERSION
+            and manifest.get("license") == license and content(manifest) == content(written))
+
+
+def _finish_version(fs: fsspec.AbstractFileSystem, folder: str, version: str, name: str,
+                    triplets: pa.Table, dropped: pa.Table, written: dict[str, list[dict]],
+                    license: str | None, provenance: dict, attachments: Attachments | None,
+                    pairs: list[str]) -> None:
+    """The manifest, card, front matter and attachments of a version whose data is written;
+    the manifest last."""
+    manifest = {
+        "format": FORMAT,
+        "schema_version": schema.SCHEMA_VERSION,
+        "name": name,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(),
+        "rows": triplets.num_rows,
+        "rows_per_lang_pair": _counts(triplets, "lang_pair"),
+        "dropped_rows": dropped.num_rows,
+        "dropped_per_reason": _counts(dropped, "reason"),
+        "systems": _system_counts(triplets),
+        "license": license,
+        "columns": triplets.column_names,
+        **written,
+        "provenance": provenance,
+    }
+    extra = _check_attachments(
+        attachments(copy.deepcopy(manifest), triplets, dropped) if attachments else {}, pairs)
+    listed = [_entry(fs, folder, f"{ATTACHMENTS_DIR}/{n}", data) for n, data in extra.items()]
+    # The card lists the attachments; the manifest lists the card, then them.
+    text = card.render_card({**manifest, "attachments": listed})
+    front = yaml.safe_dump(card.front_matter(manifest), sort_keys=False, allow_unicode=True)
+    manifest["attachments"] = [_entry(fs, folder, CARD_PATH, text.encode()),
+                               _entry(fs, folder, REPO_YAML, front.encode()), *listed]
+    fs.pipe_file(posixpath.join(folder, MANIFEST),
+                 json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+
+
+def dataset_lock(uri: str, name: str, *, wait_s: float = 0.0, what: str = "a build"):
+    """The one-writer lock of dataset `name` in the store at `uri` (`cpo_data.locks`), as a
+    context manager; `publish_triplets` takes it too (re-entrant within a process)."""
+    fs, root = _filesystem(uri)
+    _require_folder(fs, root, uri)
+    folder = posixpath.join(root, name)
+    _require_folder(fs, folder, dataset_uri(uri, name))
+    return locks.dataset_lock(fs, folder, dataset_uri(uri, name), wait_s=wait_s, what=what)
 
 
 def _dataset_dir(uri: str, name: str | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
@@ -291,11 +356,13 @@ def _manifest_path(fs: fsspec.AbstractFileSystem, folder: str) -> str | None:
     return None
 
 
-def list_versions(uri: str, *, name: str | None = None) -> list[dict]:
-    """Manifests of every complete version, oldest first. `uri` is the dataset, or the store
-    when `name` is given. Folders without a manifest (unfinished writes) are not versions."""
-    fs, path, uri = _dataset_dir(uri, name)
-    manifests = []
+def _scan(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[list[dict], list[str]]:
+    """Manifests of the complete versions, oldest first, and the version folders that have
+    no manifest: on a local disk a version appears with its manifest (it is renamed into
+    place), so such a folder lost it; on an object store it is damaged too unless a live
+    writer is filling it now (`locks.writing_now`), which is then left out."""
+    manifests, missing = [], []
+    writing = locks.writing_now(fs, path)
     for entry in fs.ls(path, detail=False):
         folder = posixpath.basename(entry.rstrip("/"))
         if folder.startswith((".", "_")):
@@ -303,13 +370,38 @@ def list_versions(uri: str, *, name: str | None = None) -> list[dict]:
         manifest_path = _manifest_path(fs, posixpath.join(path, folder))
         if manifest_path is not None:
             manifests.append(_load_manifest(fs, manifest_path, f"{uri}/{folder}"))
-    return sorted(manifests, key=lambda m: (m["created_at"], m["version"]))
+        elif _VERSION_ID.match(folder) and folder != writing:
+            missing.append(folder)
+    return sorted(manifests, key=lambda m: (m["created_at"], m["version"])), sorted(missing)
+
+
+def list_versions(uri: str, *, name: str | None = None) -> list[dict]:
+    """Manifests of every complete version, oldest first. `uri` is the dataset, or the store
+    when `name` is given. Unfinished writes are not versions (hidden while written locally;
+    on object stores, named in the writer's lock); see `resolve_version` for a version
+    folder that lost its manifest."""
+    fs, path, uri = _dataset_dir(uri, name)
+    return _scan(fs, path, uri)[0]
 
 
 def resolve_version(uri: str, version: str = "latest", *, name: str | None = None) -> str:
-    """The version id `version` names: itself, or the newest complete one for 'latest'."""
-    versions = list_versions(uri, name=name)
-    where = dataset_uri(uri, name) if name else uri
+    """The version id `version` names: itself, or the newest complete one for 'latest'.
+
+    A version folder without its manifest (deleted, or a copy cut short) is an error when it
+    is the one asked for, or when it is newer than every complete version and 'latest' is
+    asked for: falling back to an older version would serve data nobody asked for."""
+    fs, path, where = _dataset_dir(uri, name)
+    versions, missing = _scan(fs, path, where)
+    if version in missing:
+        raise StoreError(f"{where}/{version}/{MANIFEST}: missing, so the version cannot be "
+                         "read or checked (deleted or damaged); restore it or publish again")
+    # Ids sort by their second: one from the newest complete version's second may be newer.
+    if version == "latest" and missing and (not versions
+                                            or missing[-1][:15] >= versions[-1]["version"][:15]):
+        raise StoreError(
+            f"{where}/{missing[-1]}/{MANIFEST}: missing in the newest version folder (deleted "
+            "or damaged), so 'latest' is not known; restore it, remove the folder, or name a "
+            "version" + (f" (newest complete: {versions[-1]['version']})" if versions else ""))
     if not versions:
         raise StoreError(f"{where}: no published version")
     if version == "latest":
@@ -376,29 +468,51 @@ def upgrade_old_triplets(table: pa.Table, version: int) -> pa.Table:
     return table
 
 
+def _file_bytes(fs: fsspec.AbstractFileSystem, path: str, entry: dict, where: str,
+                verify: bool) -> bytes:
+    """One listed file's bytes; with `verify`, its size and sha256 as the manifest says."""
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise StoreError(f"{where}: missing (the manifest lists it)") from None
+    if verify:
+        if "bytes" in entry and len(data) != entry["bytes"]:
+            raise StoreError(f"{where}: {len(data)} bytes, the manifest says {entry['bytes']} "
+                             "(cut short or replaced since publishing)")
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StoreError(f"{where}: sha256 mismatch (changed since publishing)")
+    return data
+
+
+def _parquet(data: bytes, where: str, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns,
+                             use_threads=False)  # see cache.py
+    except (pa.ArrowException, OSError) as error:
+        raise StoreError(f"{where}: not a readable Parquet file ({error})") from None
+
+
 def _read_files(uri: str, version: str, name: str | None, key: str, table_schema: pa.Schema,
                 verify: bool) -> pa.Table:
     manifest = read_manifest(uri, version, name=name)
     fs, path, uri = _dataset_dir(uri, name)
     tables = []
     for entry in manifest[key]:
-        file_path = posixpath.join(path, manifest["version"], entry["path"])
-        data = fs.cat_file(file_path)
-        if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise StoreError(f"{uri}/{manifest['version']}/{entry['path']}: sha256 mismatch")
-        table = pq.read_table(pa.BufferReader(data), use_threads=False)  # see cache.py
+        where = f"{uri}/{manifest['version']}/{entry['path']}"
+        data = _file_bytes(fs, posixpath.join(path, manifest["version"], entry["path"]), entry,
+                           where, verify)
+        table = _parquet(data, where)
         if key == "files":
             table = upgrade_old_triplets(table, manifest.get("schema_version", 1))
         # Each file on its own, so that the error names the file that does not fit.
-        tables.append(schema.validate(table, table_schema,
-                                      what=f"{uri}/{manifest['version']}/{entry['path']}"))
+        tables.append(schema.validate(table, table_schema, what=where))
     if not tables:
         return schema.empty(table_schema)
     return pa.concat_tables(tables)
 
 
 def read_triplets_table(uri: str, version: str = "latest", *, name: str | None = None,
-                        verify: bool = False, format: str = "standard") -> pa.Table:
+                        verify: bool = True, format: str = "standard") -> pa.Table:
     """The triplets of one version as an Arrow table (see `read_triplets`)."""
     if format not in READ_FORMATS:
         raise StoreError(f"format {format!r}: expected one of {', '.join(READ_FORMATS)}")
@@ -407,11 +521,13 @@ def read_triplets_table(uri: str, version: str = "latest", *, name: str | None =
 
 
 def read_triplets(uri: str, version: str = "latest", *, name: str | None = None,
-                  verify: bool = False, format: str = "standard") -> pd.DataFrame:
+                  verify: bool = True, format: str = "standard") -> pd.DataFrame:
     """The triplets of one version as a pandas DataFrame.
 
     `uri` is the dataset (`{store}/{name}`), or the store when `name` is given. `version` is a
-    version id or 'latest'. With `verify`, each file's sha256 is checked against the manifest.
+    version id or 'latest'. Each file's size and sha256 are checked against the manifest (the
+    bytes are read anyway): a file changed, cut short, swapped or missing is a StoreError that
+    names it; `verify=False` skips the check.
     `format="conversational"` gives TRL's conversational preference format: `prompt` as
     `[{"role": "user", "content": ...}]`, `chosen` and `rejected` as one assistant message
     each, the other columns as they are (any version, whether or not it was published with
@@ -421,23 +537,26 @@ def read_triplets(uri: str, version: str = "latest", *, name: str | None = None,
                                format=format).to_pandas()
 
 
-def read_source_ids(uri: str, version: str = "latest", *, name: str | None = None) -> set[str]:
+def read_source_ids(uri: str, version: str = "latest", *, name: str | None = None,
+                    verify: bool = True) -> set[str]:
     """The source ids a version holds, as a triplet or a dropped row. Only that column is
     decoded: a refresh's summary needs no texts."""
     manifest = read_manifest(uri, version, name=name)
-    fs, path, _ = _dataset_dir(uri, name)
+    fs, path, uri = _dataset_dir(uri, name)
     ids: set[str] = set()
     for entry in manifest["files"] + manifest["dropped_files"]:
-        data = fs.cat_file(posixpath.join(path, manifest["version"], entry["path"]))
-        table = pq.read_table(pa.BufferReader(data), columns=["source_id"], use_threads=False)
-        ids.update(table.column("source_id").to_pylist())
+        where = f"{uri}/{manifest['version']}/{entry['path']}"
+        data = _file_bytes(fs, posixpath.join(path, manifest["version"], entry["path"]), entry,
+                           where, verify)
+        ids.update(_parquet(data, where, ["source_id"]).column("source_id").to_pylist())
     return ids
 
 
-def read_dropped(uri: str, version: str = "latest", *, name: str | None = None) -> pd.DataFrame:
+def read_dropped(uri: str, version: str = "latest", *, name: str | None = None,
+                 verify: bool = True) -> pd.DataFrame:
     """What the build left out of one version (ingestion, generation, scoring, selection),
-    with a reason and a detail per row."""
-    return _read_files(uri, version, name, "dropped_files", schema.DROPPED, False).to_pandas()
+    with a reason and a detail per row; checked as `read_triplets` checks."""
+    return _read_files(uri, version, name, "dropped_files", schema.DROPPED, verify).to_pandas()
 
 
 def export_version(uri: str, dest: str, version: str = "latest", *, name: str | None = None,

@@ -3,11 +3,13 @@
     from pipelines.build import build_triplets
     summary = build_triplets("configs/demo.yaml")
 
-Each shard's generation and scoring is a Prefect task whose result is cached on content (the
-shard's rows, the stage's config, the weights' fingerprints) and stored under the config's
-`work_dir`, so a rerun after a failure resumes from the shards that finished, and a rerun of an
-unchanged build loads no model at all. Below the task cache, the generation and score caches
-(also under `work_dir`) make a grown source file cost only its new rows.
+Each shard's generation and scoring is a Prefect task whose output is kept on content (the
+shard's rows, the stage's config, the weights' fingerprints) as Parquet under the config's
+`work_dir/shards` (`cpo_data.staging`), so a rerun after a failure resumes from the shards that
+finished, and a rerun of an unchanged build loads no model at all. Below that, the generation
+and score caches (also under `work_dir`) make a grown source file cost only its new rows. The
+build holds the dataset's lock (one writer per dataset) from its first step to its publish,
+and a build whose triplets equal the newest version's publishes nothing ("unchanged").
 
 The shards run one at a time in the flow's process, or, with `runner: {kind: dask}` in the
 config, on a Dask cluster through prefect-dask (`pipelines/dask_runner.py`): a local one started
@@ -16,30 +18,28 @@ process keeps its models loaded from one shard to the next. Every shard is gener
 any is scored, and a process releases its generators when its first scorer loads on their
 device, so a GPU holds one stage's models at a time.
 
-On success the flow publishes one version, creates artifacts (counts per language pair, drops
-by reason, how often each system was chosen and rejected, score and margin summaries, agreement
-with human labels) and emits `cpo_data.triplets.published` with the dataset's URI, name and
-version in its payload. A failure in any shard fails the run before anything is published.
+On success the flow publishes one version (or finds it unchanged), creates artifacts (counts
+per language pair, drops by reason, how often each system was chosen and rejected, score and
+margin summaries, agreement with human labels) and emits `cpo_data.triplets.published` with
+the dataset's URI, name and version in its payload (not when unchanged). A failure in any
+shard fails the run before anything is published.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.context import TaskRunContext, get_run_context
+from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
-from prefect.filesystems import RemoteFileSystem
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cpo_data import build
-from cpo_data.config import BuildConfig, ConfigError, RunnerConfig
+from cpo_data.config import BuildConfig, RunnerConfig
 from cpo_data.errors import UserError
 
 PUBLISHED_EVENT = "cpo_data.triplets.published"
@@ -59,35 +59,31 @@ def _retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's
     return False
 
 
-def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return parameters["key"]
-
-
-def _flow_run_id() -> str:
-    return str(get_run_context().task_run.flow_run_id)
-
-
-@task(name="generate-shard", cache_key_fn=_cache_key, persist_result=True, retries=2,
+# Finished shards are kept by the stages themselves, as Parquet under work_dir/shards
+# (`cpo_data.staging`), not as Prefect's persisted results (cloudpickles, which run code when
+# read): the tasks cache nothing and return only a key, so the flow holds no shard's tables.
+@task(name="generate-shard", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=10, retry_condition_fn=_retry_transient)
 def generate_shard(shard, config: BuildConfig, key: str, label: str) -> dict:
-    """Candidates for one shard; `key` is its content key (the cache key)."""
-    result = build.generate_shard(shard, config)
-    get_run_logger().info("%s: %d sources -> %d candidates (generated %s, from cache %s)",
-                          label, shard.num_rows, result.table.num_rows,
-                          result.report.generated or "-", result.report.from_cache or "-")
-    return {"result": result, "flow_run": _flow_run_id(), "process": build.process_name()}
+    """Candidates for one shard, kept under its content key `key`."""
+    result, reused = build.staged_generate(shard, config, key)
+    get_run_logger().info("%s: %d sources -> %d candidates (%s)", label, shard.num_rows,
+                          result.table.num_rows, "finished by an earlier run" if reused else
+                          f"generated {result.report.generated or '-'}, from cache "
+                          f"{result.report.from_cache or '-'}")
+    return {"key": key, "reused": reused, "process": build.process_name()}
 
 
-@task(name="score-shard", cache_key_fn=_cache_key, persist_result=True, retries=2,
+@task(name="score-shard", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=10, retry_condition_fn=_retry_transient)
 def score_shard(generated: dict, shard, config: BuildConfig, key: str, label: str) -> dict:
-    """Scores of one shard's candidates; `key` is its content key (the cache key)."""
-    candidates = generated["result"].table
-    result = build.score_shard(candidates, shard, config)
-    get_run_logger().info("%s: %d candidates -> %d scores (scored %s, from cache %s)", label,
-                          candidates.num_rows, result.table.num_rows,
-                          result.report.scored or "-", result.report.from_cache or "-")
-    return {"result": result, "flow_run": _flow_run_id(), "process": build.process_name()}
+    """Scores of one shard's staged candidates, kept under its content key `key`."""
+    result, reused = build.staged_score(shard, config, key, generated["key"])
+    get_run_logger().info("%s: %d scores (%s)", label, result.table.num_rows,
+                          "finished by an earlier run" if reused else
+                          f"scored {result.report.scored or '-'}, from cache "
+                          f"{result.report.from_cache or '-'}")
+    return {"key": key, "reused": reused, "process": build.process_name()}
 
 
 @task(name="select-and-publish")
@@ -157,27 +153,6 @@ def emit_published(summary: build.BuildSummary, config: BuildConfig):
     )
 
 
-def result_storage(work_dir: str) -> Path | RemoteFileSystem:
-    """Where finished shards are stored: `{work_dir}/task-results`, next to the caches they
-    came from. Every worker writes there and the flow reads back, so on a cluster it must be
-    storage they all reach. Prefect 3.8 takes a Path as it is (as a LocalFileSystem), but any
-    other storage only as a saved block; RemoteFileSystem, the block for fsspec URIs, refuses
-    file:// (a local path, so it becomes one)."""
-    folder = f"{work_dir.rstrip('/')}/task-results"
-    if folder.startswith("file://"):
-        return Path(urlsplit(folder).path)
-    if "://" not in folder:
-        return Path(folder).expanduser()
-    try:
-        block = RemoteFileSystem(basepath=folder)
-    except ValueError as error:
-        raise ConfigError(f"work_dir: {work_dir} cannot hold task results: {error}") from None
-    # Named after the URI, so every build writing there shares one block.
-    block.save(f"cpo-data-results-{hashlib.sha256(folder.encode()).hexdigest()[:16]}",
-               overwrite=True)
-    return block
-
-
 def open_shard_runner(config: RunnerConfig):
     """The task runner the shards go to, as a context manager: threads in this process, one
     shard at a time (the default), or a Dask cluster (`pipelines.dask_runner`)."""
@@ -193,22 +168,38 @@ def open_shard_runner(config: RunnerConfig):
 def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dict:
     """Build and publish one version of the triplet dataset from a YAML config (or a loaded
     `BuildConfig`). Returns the build summary as a dict."""
-    logger = get_run_logger()
     if not isinstance(config, BuildConfig):
         from pipelines.project import load_project
 
         config = load_project(config).need_build()
+    # One writer per dataset, from the first step: a second build stops (or waits) here.
+    with build.dataset_lock(config):
+        summary = _build(config, retries)
+    logger = get_run_logger()
+    if summary.unchanged:
+        logger.info("unchanged: the triplets equal version %s of %s; nothing published",
+                    summary.version, summary.dataset_uri)
+    else:
+        logger.info("published %s version %s: %d triplets", summary.dataset_uri,
+                    summary.version, summary.triplets)
+    create_artifacts(summary, config.publish.name)
+    if not summary.unchanged:  # a training deployment would train on the same data again
+        emit_published(summary, config)
+    return dataclasses.asdict(summary)
+
+
+def _build(config: BuildConfig, retries: int | None) -> build.BuildSummary:
+    logger = get_run_logger()
     run = build.start_build(config)
     config = run.config
     logger.info("%d sources (%s) in %d shard(s) of up to %d", run.summary.sources,
                 ", ".join(run.loaded.report.files), len(run.shards), config.shard_size)
-    options: dict[str, Any] = {"result_storage": result_storage(config.work_dir)}
+    options: dict[str, Any] = {}
     if retries is not None:
         options["retries"] = retries
     generate_task = generate_shard.with_options(**options)
     score_task = score_shard.with_options(**options)
 
-    run_id = str(get_run_context().flow_run.id)
     shards = [(shard, *build.shard_keys(run, shard), f"shard {number}/{len(run.shards)}")
               for number, shard in enumerate(run.shards, 1)]
     # The shards go to the runner the config names; the flow's own runs nothing else. Every
@@ -217,8 +208,8 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
         # Every shard's generation, then every shard's scoring. Submitted together, a shard's
         # scoring would start as soon as its candidates are in (Dask) or between two shards'
         # generation (threads), and each switch would release one stage's models to load the
-        # other's (`loaded.release`): a 13B model read again per shard. Finished shards come
-        # from Prefect's task cache in either phase, so a rerun resumes where the last stopped.
+        # other's (`loaded.release`): a 13B model read again per shard. Finished stages come
+        # from work_dir/shards in either phase, so a rerun resumes where the last stopped.
         generating = [runner.submit(generate_task, {
             "shard": shard, "config": config, "key": generate_key, "label": label})
             for shard, generate_key, _, label in shards]
@@ -228,15 +219,16 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
             "generated": generated, "shard": shard, "config": config, "key": score_key,
             "label": label}) for generated, (shard, _, score_key, label) in zip(
                 generating, shards, strict=True)]
-        # A result made by an earlier run came from Prefect's task cache: its work is not
-        # counted again.
-        for generated, scored_future in zip(generated_results, scoring, strict=True):
-            scored = scored_future.result()
-            build.add_shard(run, generated["result"], scored["result"],
-                            generated_now=generated["flow_run"] == run_id,
-                            scored_now=scored["flow_run"] == run_id,
-                            generated_on=generated.get("process"),
-                            scored_on=scored.get("process"))
+        scored_results = [future.result() for future in scoring]
+    # A stage an earlier run finished is not counted again.
+    for (shard, generate_key, score_key, _), generated, scored_meta in zip(
+            shards, generated_results, scored_results, strict=True):
+        scored, _ = build.staged_score(shard, config, score_key, generate_key)
+        build.add_shard(run, build.staged_candidates(config, generate_key), scored,
+                        generated_now=not generated["reused"],
+                        scored_now=not scored_meta["reused"],
+                        generated_on=generated.get("process"),
+                        scored_on=scored_meta.get("process"))
     summary = run.summary
     if config.runner.kind == "dask":
         logger.info("shard tasks ran in %d worker process(es): %s", len(summary.workers),
@@ -244,9 +236,4 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
     logger.info("generated %s, scored %s; %d of %d shards reused from an earlier run",
                 summary.generated or "nothing", summary.scored or "nothing",
                 summary.shards_reused, len(run.shards))
-    summary = select_and_publish(run)
-    logger.info("published %s version %s: %d triplets", summary.dataset_uri, summary.version,
-                summary.triplets)
-    create_artifacts(summary, config.publish.name)
-    emit_published(summary, config)
-    return dataclasses.asdict(summary)
+    return select_and_publish(run)

@@ -4,11 +4,14 @@
       kind: dask
       address: null     # tcp://scheduler:8786 for a running cluster; null: a local one
       workers: null     # local cluster size; null: one per visible GPU, else 1
+      dashboard: 127.0.0.1:8787   # local cluster's dashboard; null: none
 
 A local cluster lives for one build: one worker process per GPU, each with one thread and its
 own GPU, so each worker loads its models once (`cpo_data.backends.loaded`) and runs one shard
-at a time. A running cluster is used as it is: its workers must import this package and reach
-the build's work_dir, publish.uri and the Prefect API.
+at a time. Its scheduler, workers and dashboard listen on 127.0.0.1 only: nothing but this
+machine's own processes needs them, and Dask's dashboard default (":8787") would open it to
+every network the machine is on. A running cluster is used as it is: its workers must import
+this package and reach the build's work_dir, publish.uri and the Prefect API.
 
 Imported only when a config asks for Dask: importing distributed costs about a second.
 """
@@ -25,6 +28,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from cpo_data.config import ConfigError, RunnerConfig
 
 log = logging.getLogger(__name__)
+
+LOCAL_HOST = "127.0.0.1"
+"""The interface a local cluster's scheduler and workers listen on."""
 
 CONNECT_TIMEOUT_S = 10.0
 """How long to wait for the scheduler at runner.address, and then for its first worker."""
@@ -68,13 +74,17 @@ class OneGPUPerWorker(WorkerPlugin):
 
 def local_cluster_kwargs(config: RunnerConfig, gpus: Sequence[str]) -> dict:
     """LocalCluster settings: worker processes (not threads: each holds its own models and
-    CUDA context), one thread each, and one GPU each where there are GPUs.
+    CUDA context), one thread each, and one GPU each where there are GPUs, listening on
+    127.0.0.1, with the dashboard at runner.dashboard (None: no dashboard).
 
     No memory limit: Dask's budget (the machine's memory over the workers) is meant for its
     own data, and it would pause or restart a worker that reads a 13B model into memory before
     moving it to its GPU."""
+    # host: where the scheduler and the workers listen (LocalCluster's own default today,
+    # written out so a change of default cannot open them); worker dashboards stay off.
     kwargs = {"n_workers": config.workers or len(gpus) or 1, "threads_per_worker": 1,
-              "processes": True, "memory_limit": 0}
+              "processes": True, "memory_limit": 0, "host": LOCAL_HOST,
+              "dashboard_address": config.dashboard}
     if gpus:
         kwargs["plugins"] = (OneGPUPerWorker(gpus),)
     return kwargs

@@ -132,8 +132,13 @@ def print_run_lineage(manifest_path: Path) -> dict:
 def print_build_summary(summary: dict, rows: int) -> None:
     """The closing summary of a build: counts, drops, where the version is, how to open it."""
     print()
-    print(f"==> published {summary['triplets']} triplets from {summary['sources']} sources "
-          f"({summary['candidates']} candidates), version {summary['version']}")
+    if summary.get("unchanged"):
+        print(f"==> unchanged: {summary['triplets']} triplets from {summary['sources']} "
+              f"sources ({summary['candidates']} candidates) equal version "
+              f"{summary['version']}; nothing published")
+    else:
+        print(f"==> published {summary['triplets']} triplets from {summary['sources']} "
+              f"sources ({summary['candidates']} candidates), version {summary['version']}")
     if summary["previous_version"]:
         print(f"sources         {summary['sources_new']} new since version "
               f"{summary['previous_version']}, {summary['sources_reused']} already in it")

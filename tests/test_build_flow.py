@@ -61,8 +61,11 @@ def test_flow_publishes_a_version_with_artifacts_and_event(tmp_path, models, eve
     rows = DEMO_ROWS[:20]
     summary = build_triplets(str(write_config(tmp_path, models, rows)), retries=0)
     assert summary["shards"] == 3 and summary["shards_reused"] == 0
-    # Finished shards are kept under the config's work_dir, one result per task.
-    assert len(list((tmp_path / "work" / "task-results").iterdir())) >= 6
+    # Finished shards are kept under the config's work_dir as Parquet and JSON, one record
+    # per task, and nothing Prefect would unpickle.
+    staged = tmp_path / "work" / "shards"
+    assert len(list(staged.glob("*.json"))) == 6 and len(list(staged.glob("*.parquet"))) == 12
+    assert not (tmp_path / "work" / "task-results").exists()
     assert summary["generated"] == {"tiny": 20}
     frame = store.read_triplets(str(tmp_path / "store"), name="flowtest", verify=True)
     assert len(frame) == summary["triplets"] > 0
@@ -201,7 +204,7 @@ def test_a_build_killed_midway_resumes_from_its_finished_shards_and_publishes_on
     from pipelines.build import build_triplets
 
     config = write_config(tmp_path, models, DEMO_ROWS[:80])  # 10 shards of 8
-    results = tmp_path / "work" / "task-results"
+    results = tmp_path / "work" / "shards"
     exe = shutil.which("cpo-data") or str(REPO_ROOT / ".venv/bin/cpo-data")
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))
     env.pop("PREFECT_API_URL", None)
@@ -212,7 +215,7 @@ def test_a_build_killed_midway_resumes_from_its_finished_shards_and_publishes_on
     try:
         # Every shard is generated before any is scored: kill once two shards' scores are
         # stored, in the middle of the scoring phase.
-        while not (results.is_dir() and len(list(results.glob("score-*"))) >= 2):
+        while not (results.is_dir() and len(list(results.glob("score-*.json"))) >= 2):
             assert build_process.poll() is None, "the build ended before it could be killed"
             assert time.monotonic() < deadline, "no shard finished within 180 s"
             time.sleep(0.05)
@@ -220,8 +223,8 @@ def test_a_build_killed_midway_resumes_from_its_finished_shards_and_publishes_on
         os.killpg(build_process.pid, signal.SIGKILL)
         build_process.wait()
     assert processes_with_env(f"PREFECT_HOME={tmp_path / 'prefect-home'}") == []
-    generated_before = len(list(results.glob("generate-*")))
-    finished = len(list(results.glob("score-*")))
+    generated_before = len(list(results.glob("generate-*.json")))
+    finished = len(list(results.glob("score-*.json")))
     assert not list(tmp_path.rglob(store.MANIFEST))  # nothing published by the killed run
 
     summary = build_triplets(str(config), retries=0)

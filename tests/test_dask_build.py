@@ -68,6 +68,11 @@ def test_the_default_runner_is_threads_and_a_dask_section_loads(tmp_path, models
     config = load_config(write_config(tmp_path, models, DEMO_ROWS[:2],
                                       runner={"kind": "dask", "workers": 2}))
     assert config.runner == RunnerConfig(kind="dask", address=None, workers=2)
+    assert config.runner.dashboard == "127.0.0.1:8787"  # this machine only, by default
+    for dashboard in (None, "0.0.0.0:8788", "[::1]:8787"):
+        config = load_config(write_config(tmp_path, models, DEMO_ROWS[:2],
+                                          runner={"kind": "dask", "dashboard": dashboard}))
+        assert config.runner.dashboard == dashboard
 
 
 @pytest.mark.parametrize(("runner", "message"), [
@@ -78,6 +83,11 @@ def test_the_default_runner_is_threads_and_a_dask_section_loads(tmp_path, models
     ({"kind": "dask", "address": "tcp://h:8786", "workers": 2}, "runner.workers: sizes a local"),
     ({"kind": "dask", "address": " "}, "runner.address: name a scheduler"),
     ({"kind": "dask", "workers": "two"}, "runner.workers: expected int"),
+    # Dask reads ":8787" as every interface: opening the dashboard is written out.
+    ({"kind": "dask", "dashboard": ":8787"}, "runner.dashboard: ':8787' is not HOST:PORT"),
+    ({"kind": "dask", "dashboard": "127.0.0.1"}, "runner.dashboard: '127.0.0.1' is not HOST"),
+    ({"kind": "dask", "dashboard": "127.0.0.1:87870"}, "runner.dashboard: '127.0.0.1:87870'"),
+    ({"kind": "dask", "dashboard": 8787}, "runner.dashboard: expected str"),
 ])
 def test_a_wrong_runner_section_names_its_key(tmp_path, models, runner, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -123,8 +133,25 @@ def test_a_local_cluster_has_one_single_threaded_worker_per_gpu():
     assert isinstance(plugin, OneGPUPerWorker) and plugin.gpus == ("0", "1", "2", "3")
     assert kwargs["memory_limit"] == 0  # a worker reading a model is not restarted
     assert local_cluster_kwargs(dask, []) == {"n_workers": 1, "threads_per_worker": 1,
-                                              "processes": True, "memory_limit": 0}  # 1 CPU
+                                              "processes": True, "memory_limit": 0,
+                                              "host": "127.0.0.1",
+                                              "dashboard_address": "127.0.0.1:8787"}  # 1 CPU
     assert local_cluster_kwargs(RunnerConfig(kind="dask", workers=3), [])["n_workers"] == 3
+
+
+def test_a_local_cluster_listens_on_this_machine_only_unless_told():
+    """Scheduler and workers on 127.0.0.1 (LocalCluster's `host`), the dashboard where
+    runner.dashboard says (Dask's own default, ":8787", is every interface), none when null;
+    the workers' own dashboards stay off (no worker_dashboard_address)."""
+    from pipelines.dask_runner import local_cluster_kwargs
+
+    kwargs = local_cluster_kwargs(RunnerConfig(kind="dask"), ["0"])
+    assert (kwargs["host"], kwargs["dashboard_address"]) == ("127.0.0.1", "127.0.0.1:8787")
+    assert "worker_dashboard_address" not in kwargs
+    assert local_cluster_kwargs(RunnerConfig(kind="dask", dashboard=None),
+                                [])["dashboard_address"] is None
+    assert local_cluster_kwargs(RunnerConfig(kind="dask", dashboard="0.0.0.0:8788"),
+                                [])["dashboard_address"] == "0.0.0.0:8788"
 
 
 @pytest.mark.slow
@@ -136,12 +163,20 @@ def test_the_gpu_plugin_sets_each_spawned_worker_s_cuda_visible_devices(monkeypa
     from pipelines.dask_runner import local_cluster_kwargs
 
     marker = _mark_new_processes(monkeypatch)
-    kwargs = local_cluster_kwargs(RunnerConfig(kind="dask"), ["7", "9"])
-    with LocalCluster(**kwargs, dashboard_address=None) as cluster, Client(cluster) as client:
+    # Port 0: any free port, so that parallel test runs do not meet on 8787.
+    kwargs = local_cluster_kwargs(RunnerConfig(kind="dask", dashboard="127.0.0.1:0"),
+                                  ["7", "9"])
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         # A lambda: `os.environ.get` itself would be pickled with this process's environ.
         seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         names = {address: w["name"] for address, w in client.scheduler_info()["workers"].items()}
         assert {names[address]: gpu for address, gpu in seen.items()} == {0: "7", 1: "9"}
+        # Where everything listens: the dashboard's sockets (tornado's, the only way to see
+        # what it bound), the scheduler's and the workers' addresses.
+        dashboard = cluster.scheduler.http_server._sockets.values()
+        assert {s.getsockname()[0] for s in dashboard} == {"127.0.0.1"}
+        assert all(a.startswith("tcp://127.0.0.1:")
+                   for a in [cluster.scheduler_address, *names])
     assert _gone(marker)
 
 
@@ -326,7 +361,7 @@ def test_dask_on_two_local_workers_publishes_the_same_triplets_as_the_default_ru
     out = capsys.readouterr().out
     assert f"workers         {len(dask['workers'])} processes ran shard tasks: " in out
     # Finished shards went to the URI's folder, for a rerun to resume from.
-    assert len(list((tmp_path / "dask" / "work" / "task-results").iterdir())) >= 8
+    assert len(list((tmp_path / "dask" / "work" / "shards").glob("*.json"))) == 8
 
     published = _published(tmp_path / "dask")
     assert len(published) == dask["triplets"] == threads["triplets"] > 0
@@ -385,8 +420,8 @@ def test_an_unreachable_cluster_fails_the_build_naming_runner_address(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
 def test_finished_shards_on_an_fsspec_uri_are_stored_there_and_reused(tmp_path, models):
-    """A work_dir URI other than file:// stores results through a saved RemoteFileSystem
-    block (memory:// here: one process, so the default runner)."""
+    """A work_dir URI other than file:// keeps the finished shards there, through fsspec
+    (memory:// here: one process, so the default runner)."""
     import fsspec
 
     from pipelines.build import build_triplets
@@ -395,7 +430,8 @@ def test_finished_shards_on_an_fsspec_uri_are_stored_there_and_reused(tmp_path, 
     config = write_config(tmp_path, models, DEMO_ROWS[:16], work_dir=work)
     first = build_triplets(str(config), retries=0)
     memory = fsspec.filesystem("memory")
-    assert len(memory.ls(f"{work}/task-results")) >= 4  # 2 shards x (generate, score)
+    assert len([p for p in memory.ls(f"{work}/shards", detail=False)
+                if p.endswith(".json")]) == 4  # 2 shards x (generate, score)
     assert memory.ls(f"{work}/cache")  # the content caches went there too
     again = build_triplets(str(config), retries=0)
     assert again["shards_reused"] == again["shards"] == first["shards"] == 2

@@ -207,7 +207,8 @@ def test_bad_attachments_are_refused_and_publish_nothing(tmp_path, returned, mes
     with pytest.raises(store.StoreError, match=message):
         _publish(tmp_path, attachments=lambda *_: returned)
     assert store.list_versions(str(tmp_path / "mt")) == []
-    assert list((tmp_path / "mt").iterdir()) == []  # the temporary folder is gone
+    # The temporary folder is gone (the lock file stays: it holds no lock once closed).
+    assert [p.name for p in (tmp_path / "mt").iterdir()] == [store.locks.LOCK_FILE]
 
 
 def test_publish_config_takes_a_hub_licence_id():

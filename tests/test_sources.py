@@ -56,6 +56,42 @@ def test_csv_and_tsv(tmp_path, rows, delimiter):
     assert got[1]["human_preferred"] == "b"  # the label was parsed from text
 
 
+# JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps writes them so with
+# ensure_ascii=False); str.splitlines() would break a line at each of them.
+SEPARATORS = "eins\u2028zwei\u2029drei\u0085vier"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_jsonl_strings_keep_unicode_line_separators_and_rows_keep_their_numbers(
+        tmp_path, rows, newline):
+    rows[0]["src"] = rows[0]["ref"] = SEPARATORS
+    rows[1]["sys_a"] = "Bitte\u2028das\u0085Fenster."  # inside: the ends are stripped
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(newline.join(json.dumps(r, ensure_ascii=False) for r in rows)
+                     .encode() + newline.encode())
+    assert "\u2028".encode() in path.read_bytes()  # written raw, not as an escape
+    got = _check_rows(load_sources(_config(path)), rows)  # the texts exactly
+    assert [row["origin"].rsplit(":", 1)[1] for row in got] == ["1", "2", "3"]
+    rows[2]["src_lang"] = "xx"
+    path.write_bytes(newline.join(json.dumps(r, ensure_ascii=False) for r in rows)
+                     .encode() + newline.encode())
+    with pytest.raises(SourceError, match=r"s\.jsonl, row 3, field 'src_lang': unknown"):
+        load_sources(_config(path))
+
+
+@pytest.mark.parametrize("delimiter", [",", "\t"])
+def test_a_csv_or_tsv_field_larger_than_csv_s_default_limit_reads(tmp_path, rows, delimiter):
+    """csv refuses fields over 128 KiB unless told otherwise; a long document is no error."""
+    rows[1]["src"] = " ".join(["Ein langer Satz."] * (200 * 1024 // 17))  # 200 KiB
+    path = tmp_path / ("s.csv" if delimiter == "," else "s.tsv")
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    got = _check_rows(load_sources(_config(path)), rows)
+    assert len(got[1]["src"]) > 200 * 1000
+
+
 def test_parquet(tmp_path, rows):
     path = tmp_path / "s.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -237,6 +273,51 @@ def test_csv_row_with_wrong_field_count(tmp_path):
     path = tmp_path / "s.csv"
     path.write_text("src_lang,tgt_lang,src,ref\nde,en,Hallo,Hello\nde,en,Tschüss\n")
     with pytest.raises(SourceError, match=r"s\.csv, row 2: has 3 fields, the header has 4"):
+        load_sources(SourcesConfig(path=str(path), src_lang_column="src_lang",
+                                   tgt_lang_column="tgt_lang"))
+
+
+@pytest.fixture
+def small_csv_field_limit(monkeypatch):
+    """The module's field limit at 1000 characters, so a runaway field reaches it in a small
+    file; csv's process-wide limit is put back after."""
+    from cpo_data import source_formats
+
+    before = csv.field_size_limit()
+    monkeypatch.setattr(source_formats, "FIELD_SIZE_LIMIT", 1000)
+    yield
+    csv.field_size_limit(before)
+
+
+HEADER = "src_lang,tgt_lang,src,ref\n"
+GOOD = "de,en,Hallo,Hello\n"
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    # A quote opens the third field of data row 2 and never closes: without strict parsing the
+    # rest of the file would become that field.
+    (HEADER + GOOD + 'de,en,"Guten Tag,Good day\n' + GOOD * 3, "unexpected end of data"),
+    # Text after a quoted field's closing quote.
+    (HEADER + GOOD + 'de,en,"Guten" Tag,Good day\n' + GOOD * 3, "',' expected after '\"'"),
+])
+def test_unreadable_csv_names_file_row_and_lines(tmp_path, text, error):
+    path = tmp_path / "s.csv"
+    path.write_text(text)
+    with pytest.raises(SourceError) as info:
+        load_sources(SourcesConfig(path=str(path), src_lang_column="src_lang",
+                                   tgt_lang_column="tgt_lang"))
+    assert (info.value.file, info.value.row) == (str(path), 2)
+    assert str(info.value).startswith(f"{path}, row 2: unreadable CSV: {error} (this row "
+                                      "starts on line 3, the reader stopped on line ")
+
+
+def test_a_stray_quote_that_runs_past_the_field_limit_names_file_and_row(
+        tmp_path, small_csv_field_limit):
+    path = tmp_path / "s.csv"
+    path.write_text(HEADER + GOOD + GOOD + 'de,en,"Guten Tag,Good day\n' + GOOD * 100)
+    with pytest.raises(SourceError, match=r"s\.csv, row 3: unreadable CSV: field larger than "
+                       r"field limit \(1000\) \(this row starts on line 4, the reader stopped "
+                       r"on line \d+\)"):
         load_sources(SourcesConfig(path=str(path), src_lang_column="src_lang",
                                    tgt_lang_column="tgt_lang"))
 

@@ -5,11 +5,30 @@ LoRA, every weight for full fine-tuning), the tokenizer, the optimizer and sched
 random-number generators, and `trainer_state.json` with the step. It is written under a
 temporary name and renamed into place, so a crash mid-write leaves no half checkpoint that a
 resume would trust.
+
+Nothing this module reads from a checkpoint can run code: every file goes through
+`torch.load(weights_only=True)`, which rebuilds tensors and plain values (dicts, lists, numbers,
+strings) and refuses any other object a pickle names. Optimizer and scheduler state dicts are
+made of those already. The random-number states are turned into them before saving (`rng_state`
+holds numpy arrays and tuples, so it is converted: the Python and numpy Mersenne-Twister words
+as int64 tensors, the torch and CUDA states as the uint8 tensors torch gives). One torch file per
+process keeps the layout (`rng_state.pt`, `rng_state_{rank}.pt`) and the one guard for every file;
+a JSON + safetensors pair would be as safe but two files per rank.
+
+A checkpoint written before this format (`rng_state.pt` as a full pickle) is not unpickled: the
+run resumes without its random-number state and says so once, as the Hugging Face Trainer does
+when a checkpoint lacks its RNG file. That state only decides dropout draws; the weights,
+optimizer and scheduler (all loadable) are what a resume needs, so refusing would throw away a
+long run for a reproducibility detail. An optimizer or scheduler file that the guard refuses was
+not written by `save_checkpoint` at all, and training on without it would be wrong: that stops
+with an error naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 import random
 import re
 import shutil
@@ -20,8 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# In the RNG file, so a file of another layout is told apart from a damaged one of this.
+_RNG_FORMAT = 2
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -97,7 +122,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         for rank, random_state in enumerate(rng_states):
-            torch.save(random_state, partial / _rng_file(rank))
+            save_rng_state(partial / _rng_file(rank), random_state)
         (partial / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
 
     final = _write_folder(checkpoint_dir(run_dir, step), write)
@@ -110,15 +135,87 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
+def _to_saved_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """`rng_state()` as tensors and plain values only, what `weights_only=True` reads back."""
+    version, words, gauss_next = state["python"]
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    saved = {"format": _RNG_FORMAT,
+             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                        "gauss_next": gauss_next},
+             # int64: uint32 tensors lack most operations in torch; the words fit either way.
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "torch": state["torch"]}
+    if "cuda" in state:
+        saved["cuda"] = state["cuda"]
+    return saved
+
+
+def _from_saved_rng(saved: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_to_saved_rng`; KeyError/TypeError/ValueError on another layout."""
+    if saved.get("format") != _RNG_FORMAT:
+        raise ValueError(f"format {saved.get('format')!r}, expected {_RNG_FORMAT}")
+    python, numpy_state = saved["python"], saved["numpy"]
+    state = {"python": (int(python["version"]), tuple(python["words"].tolist()),
+                        python["gauss_next"]),
+             "numpy": (str(numpy_state["kind"]), numpy_state["keys"].numpy().astype(np.uint32),
+                       int(numpy_state["pos"]), int(numpy_state["has_gauss"]),
+                       float(numpy_state["cached_gaussian"])),
+             "torch": saved["torch"]}
+    if not (isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8):
+        raise TypeError("the torch state is not a uint8 tensor")
+    if "cuda" in saved:
+        state["cuda"] = saved["cuda"]
+    return state
+
+
+def save_rng_state(path: Path, state: dict[str, Any]) -> None:
+    torch.save(_to_saved_rng(state), path)
+
+
+def _load_safely(path: Path, what: str, checkpoint: Path) -> Any:
+    """`path` read with `weights_only=True`; a file the guard refuses stops the resume."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise TrainingError(
+            f"{path}: refusing to load the {what}: the file holds objects other than tensors "
+            f"and plain values, so save_checkpoint did not write it ({reason}). Delete "
+            f"{checkpoint} to resume from an earlier checkpoint, or set "
+            "train.checkpoints.resume: false to start over") from None
+
+
+def load_rng_state(path: Path) -> dict[str, Any] | None:
+    """The random-number state saved in `path`, or None (with one warning) when there is none
+    this version can read without unpickling arbitrary objects."""
+    why = "it is missing"
+    if path.exists():
+        try:
+            return _from_saved_rng(torch.load(path, weights_only=True, map_location="cpu"))
+        except pickle.UnpicklingError:
+            why = ("it is a full pickle (written by an older cpo-data, or not by cpo-data) and "
+                   "is not unpickled, as that could run code")
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            why = f"its layout is not this version's ({error})"
+    log.warning("%s: resuming without the saved random-number state because %s; the run goes "
+                "on from the checkpoint's weights, optimizer and schedule, but its dropout draws "
+                "will differ from an uninterrupted run's", path, why)
+    return None
+
+
 def load_training_state(checkpoint: Path, optimizer, scheduler, rank: int = 0) -> None:
     """Optimizer, scheduler and random-number state as they were when `checkpoint` was saved
     (weights are loaded by the caller, which knows whether they are an adapter).
 
     Process `rank` of a data-parallel run takes its own random-number state (a checkpoint
     resumes only with the process count it was made with: `loop._resume_point`)."""
-    rng_file = checkpoint / _rng_file(rank)
-    # weights_only=False: the RNG state holds numpy arrays and Python tuples; the file is our
-    # own, written by save_checkpoint.
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    # Everything is read before anything is set, so a refused file changes nothing.
+    optimizer_state = _load_safely(checkpoint / "optimizer.pt", "optimizer state", checkpoint)
+    scheduler_state = _load_safely(checkpoint / "scheduler.pt", "scheduler state", checkpoint)
+    random_state = load_rng_state(checkpoint / _rng_file(rank))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    if random_state is not None:
+        set_rng_state(random_state)
