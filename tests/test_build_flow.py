@@ -116,6 +116,8 @@ def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_p
     assert again["generated"] == {} and again["scored"] == {}
     assert again["shards_reused"] == again["shards"] == 5
     assert again["triplets"] == first["triplets"]
+    # Equal triplets: nothing published, the summary names the version they equal.
+    assert again["unchanged"] and again["version"] == first["version"]
 
     # Only batch sizes, budgets and the device changed, which change no output: every shard's
     # finished work is reused.
@@ -132,6 +134,7 @@ def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_p
     rebatched = build_triplets(str(batched), retries=0)
     assert rebatched["shards_reused"] == rebatched["shards"] == 5
     assert rebatched["generated"] == {} and rebatched["scored"] == {}
+    assert rebatched["unchanged"] and rebatched["version"] == first["version"]
 
     # 10% more sources, appended: only they are generated and scored.
     grown = write_config(tmp_path, models, DEMO_ROWS[:44])
@@ -145,7 +148,8 @@ def test_rerun_generates_and_scores_nothing_and_growth_costs_only_new_rows(tmp_p
     assert (more["previous_version"], more["sources_new"], more["sources_reused"]) == (
         rebatched["version"], 4, 40)
     versions = store.list_versions(str(tmp_path / "store"), name="flowtest")
-    assert len(versions) == 4 and versions[-1]["rows"] == more["triplets"]
+    assert not more["unchanged"]
+    assert len(versions) == 2 and versions[-1]["rows"] == more["triplets"]
 
 
 def test_a_failing_shard_publishes_nothing_and_the_rerun_resumes(tmp_path, models,
