@@ -88,7 +88,50 @@ def _prefect_server():
         yield
         return
     with temporary_settings(updates=temporary_server_settings(get_current_settings())):
-        yield
+        with _temporary_server():
+            yield
+
+
+class _DyingWithParent:
+    """Prefect's server module's `subprocess`, with every Popen tied to this process's life:
+    a parent-death signal (SIGTERM: uvicorn then shuts down cleanly) reaches the temporary
+    server when this process dies, SIGKILL included, where otherwise it would run on."""
+
+    def __init__(self, real) -> None:  # noqa: ANN001 - the subprocess module
+        self._real = real
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - whatever subprocess has
+        return getattr(self._real, name)
+
+    def Popen(self, *args, **kwargs):  # noqa: N802, ANN002, ANN003, ANN201 - subprocess's API
+        import signal
+
+        from cpo_data.leftovers import parent_death_signal
+
+        kwargs.setdefault("preexec_fn", parent_death_signal(signal.SIGTERM))
+        return self._real.Popen(*args, **kwargs)
+
+
+@contextmanager
+def _temporary_server():
+    """Prefect's temporary server, started here, from the main thread, and pointed at for the
+    block through PREFECT_API_URL; stopped after it.
+
+    Started lazily, Prefect would start it from whichever thread first needs the API, and a
+    parent-death signal fires when the thread that started the child ends, not the process.
+    The server, its settings and its database are Prefect's own (`SubprocessASGIServer`)."""
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not isinstance(prefect_server.subprocess, _DyingWithParent):
+        prefect_server.subprocess = _DyingWithParent(prefect_server.subprocess)
+    server = prefect_server.SubprocessASGIServer()
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
 
 
 def temporary_server_settings(settings) -> dict:  # noqa: ANN001 - Prefect's Settings

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from cpo_data.leftovers import parent_death_signal
 from cpo_data.project import resolve_paths
 from training.config import TrainConfig
 from training.errors import TrainingError
@@ -78,8 +80,11 @@ def train_launched(config: TrainConfig, version: str,
     log(" ".join(command))
     tail: deque[str] = deque(maxlen=30)
     causes: dict[str, None] = {}  # the entry's own `error (rank N): ...` lines, in order
+    # Killed outright (SIGKILL), this process runs no cleanup: the kernel sends torchrun
+    # SIGTERM instead, which it passes on to its workers. This thread waits for torchrun, so
+    # the signal (tied to the thread that started the child) cannot fire early.
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as process:
+                          text=True, preexec_fn=parent_death_signal(signal.SIGTERM)) as process:
         try:
             for line in process.stdout:
                 line = line.rstrip()
