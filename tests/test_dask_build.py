@@ -241,11 +241,16 @@ def test_a_rebuild_with_everything_cached_loads_no_model(tmp_path, models, monke
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda config, _real=real, _name=name:
                             loads.update([_name]) or _real(config))
-    again = build.run_build(config)
+    again = build.run_build(config)  # every shard's stages were kept: nothing runs
     assert loads == Counter()
-    assert again.generated == {"tiny": 0} and again.generated_from_cache == {"tiny": 16}
-    assert again.scored == {"kiwi": 0, "chrf": 0}
-    assert again.triplets == first.triplets
+    assert again.shards_reused == again.shards and again.generated == {} and again.unchanged
+    # Without the kept stages, the content caches serve every candidate and score.
+    shutil.rmtree(tmp_path / "work" / "shards")
+    cached = build.run_build(config)
+    assert loads == Counter()
+    assert cached.generated == {"tiny": 0} and cached.generated_from_cache == {"tiny": 16}
+    assert cached.scored == {"kiwi": 0, "chrf": 0}
+    assert cached.triplets == first.triplets and cached.unchanged
     # The same build with one new source loads the generator and the COMET scorer once.
     grown = load_config(write_config(tmp_path, models, DEMO_ROWS[:17]))
     build.run_build(grown)
