@@ -474,6 +474,12 @@ def test_a_rerun_finds_every_result_of_the_first_in_the_caches(hub, built):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded although every result is cached")
 
+    import shutil
+
+    from cpo_data import staging
+
+    # Without the first run's kept shard stages, so the rerun goes through the caches' keys.
+    shutil.rmtree(staging.staged_dir(built["config"].work_dir))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hf_generate, "load_generator", refuse)
         patch.setattr(comet_score, "load_scorer", refuse)
