@@ -29,7 +29,6 @@ object written, so readers never see a half version either way. Only this module
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -37,7 +36,6 @@ import posixpath
 import re
 import secrets
 import shutil
-from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -47,10 +45,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
-from fsspec.implementations.local import LocalFileSystem
 
-from cpo_data import card, leftovers, locks, schema
+from cpo_data import card, locks, schema
 from cpo_data.errors import UserError
 
 MANIFEST = ".manifest.json"
@@ -102,79 +98,9 @@ def _new_version_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
-
-
 def _counts(table: pa.Table, column: str) -> dict[str, int]:
     counts = pc.value_counts(table.column(column)).to_pylist() if table.num_rows else []
     return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
-
-
-def _entry(fs: fsspec.AbstractFileSystem, folder: str, relative: str, data: bytes,
-           rows: int | None = None) -> dict:
-    """Write one file of a version; return its manifest entry."""
-    path = posixpath.join(folder, relative)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(path, data)
-    entry = {"path": relative} if rows is None else {"path": relative, "rows": rows}
-    return {**entry, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _write_files(fs: fsspec.AbstractFileSystem, folder: str, triplets: pa.Table,
-                 dropped: pa.Table, conversational: bool) -> dict[str, list[dict]]:
-    """Write the Parquet files of one version; return their manifest entries by key."""
-
-    def put(relative: str, table: pa.Table) -> dict:
-        return _entry(fs, folder, relative, _parquet_bytes(table), table.num_rows)
-
-    files, chat = [], []
-    for pair in sorted(_counts(triplets, "lang_pair")):
-        part = triplets.filter(pc.equal(triplets.column("lang_pair"), pair))
-        files.append(put(f"{pair}/part-00000.parquet", part))
-        if conversational:
-            chat.append(put(f"{CONVERSATIONAL_DIR}/{pair}/part-00000.parquet",
-                            card.conversational(part)))
-    dropped_files = [put(f"{DROPPED_DIR}/part-00000.parquet", dropped)] if dropped.num_rows else []
-    return {"files": files, "dropped_files": dropped_files, "conversational_files": chat}
-
-
-Attachments = Callable[[dict, pa.Table, pa.Table], Mapping[str, bytes]]
-"""(manifest as it will be written, less `attachments`; triplets; dropped) -> name -> bytes."""
-
-
-def _check_attachments(found: Any, pairs: list[str]) -> dict[str, bytes]:
-    if not isinstance(found, Mapping):
-        raise StoreError(f"attachments: the hook returned {type(found).__name__}, expected a "
-                         "mapping of file names to bytes")
-    checked = {}
-    for name, data in found.items():
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name \
-                or name.startswith((".", "_")):
-            raise StoreError(f"attachments: {name!r} must be a plain file name (no '/', not "
-                             "starting with '.' or '_')")
-        if name.lower() in (CARD.lower(), MANIFEST, LEGACY_MANIFEST) or name in pairs \
-                or name.lower().endswith(".parquet"):
-            raise StoreError(f"attachments: {name!r} would collide with the version's own "
-                             "files (card, manifest, Parquet data)")
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise StoreError(f"attachments: {name!r} is {type(data).__name__}, expected bytes")
-        checked[name] = bytes(data)
-    return checked
-
-
-def _system_counts(triplets: pa.Table) -> list[dict]:
-    """Per system: chosen and rejected counts. A text several systems gave (`ref+gpt4`)
-    counts for each of them, as `select.system_counts` does."""
-    def per_system(column: str) -> Counter:
-        return Counter(system for names in triplets.column(column).to_pylist()
-                       for system in names.split("+"))
-
-    chosen, rejected = per_system("chosen_system"), per_system("rejected_system")
-    return [{"system": s, "chosen": chosen.get(s, 0), "rejected": rejected.get(s, 0)}
-            for s in sorted(chosen.keys() | rejected.keys())]
 
 
 def publish_triplets(
@@ -205,112 +131,13 @@ def publish_triplets(
     With `skip_unchanged`, a table whose files equal the newest version's (triplets, dropped,
     conversational, byte for byte) and licence publishes nothing: the newest version's id is
     returned, so a rerun after a kill that came after the publish adds no second copy.
+    Written by `cpo_data.publishing.VersionWriter`, which a build feeds shard by shard.
     """
-    triplets = schema.validate(table, schema.TRIPLETS, what="triplets")
-    dropped = schema.validate(
-        dropped if dropped is not None else schema.empty(schema.DROPPED), schema.DROPPED,
-        what="dropped",
-    )
-    if triplets.num_rows == 0:
-        raise StoreError(f"{dataset_uri(uri, name)}: nothing to publish, the table has no rows")
-    pairs = list(_counts(triplets, "lang_pair"))
-    for pair in pairs:
-        if not _LANG_PAIR.match(pair):
-            raise StoreError(f"triplets: lang_pair {pair!r} is not of the form xx-yy")
-    try:
-        provenance_json = json.loads(json.dumps(provenance or {}))
-    except (TypeError, ValueError) as error:
-        raise StoreError(f"provenance is not JSON-serializable: {error}") from None
+    from cpo_data import publishing  # it builds on this module's reading side
 
-    fs, root = _filesystem(uri)
-    _require_folder(fs, root, uri)
-    dataset_dir = posixpath.join(root, name)
-    where = dataset_uri(uri, name)
-    _require_folder(fs, dataset_dir, where)
-    with locks.dataset_lock(fs, dataset_dir, where, wait_s=lock_wait_s, what="a publish"):
-        _clear_abandoned(fs, dataset_dir)
-        newest = _newest_manifest(fs, dataset_dir, where)
-        version = _new_version_id()
-        local = isinstance(fs, LocalFileSystem)
-        # Object stores have no rename: write in place, the manifest (last) makes it visible.
-        folder = posixpath.join(dataset_dir, leftovers.stamped(TEMPORARY) if local else version)
-        locks.announce_writing(fs, dataset_dir, version)
-        try:
-            written = _write_files(fs, folder, triplets, dropped, conversational)
-            if skip_unchanged and newest is not None and _same_content(newest, written, license):
-                fs.rm(folder, recursive=True)
-                return newest["version"]
-            _finish_version(fs, folder, version, name, triplets, dropped, written, license,
-                            provenance_json, attachments, pairs)
-            if local:
-                fs.mv(folder, posixpath.join(dataset_dir, version), recursive=True)
-        except BaseException:
-            if fs.exists(folder) and (local or not fs.exists(posixpath.join(folder, MANIFEST))):
-                fs.rm(folder, recursive=True)
-            raise
-    return version
-
-
-def _clear_abandoned(fs: fsspec.AbstractFileSystem, dataset_dir: str) -> None:
-    """Under the lock: remove what dead writers left (local temporary folders whose owner is
-    gone; on object stores, the version folder an expired lock's holder was filling)."""
-    if isinstance(fs, LocalFileSystem):
-        leftovers.sweep(fs, dataset_dir, TEMPORARY)
-        return
-    abandoned = locks.abandoned_version(fs, dataset_dir)
-    if abandoned and _VERSION_ID.match(abandoned):
-        folder = posixpath.join(dataset_dir, abandoned)
-        if fs.exists(folder) and _manifest_path(fs, folder) is None:
-            fs.rm(folder, recursive=True)
-
-
-def _newest_manifest(fs: fsspec.AbstractFileSystem, dataset_dir: str, where: str) -> dict | None:
-    if not fs.exists(dataset_dir):
-        return None
-    manifests, _ = _scan(fs, dataset_dir, where)
-    return manifests[-1] if manifests else None
-
-
-def _same_content(manifest: dict, written: dict[str, list[dict]], license: str | None) -> bool:
-    def content(entries: Mapping[str, Any]) -> list:
-        return [[(e["path"], e["sha256"]) for e in entries.get(key) or []] for key in CONTENT_KEYS]
-
-    return (manifest.get("schema_version") == schema.SCHEMA_VERSION
-            and manifest.get("license") == license and content(manifest) == content(written))
-
-
-def _finish_version(fs: fsspec.AbstractFileSystem, folder: str, version: str, name: str,
-                    triplets: pa.Table, dropped: pa.Table, written: dict[str, list[dict]],
-                    license: str | None, provenance: dict, attachments: Attachments | None,
-                    pairs: list[str]) -> None:
-    """The manifest, card, front matter and attachments of a version whose data is written;
-    the manifest last."""
-    manifest = {
-        "format": FORMAT,
-        "schema_version": schema.SCHEMA_VERSION,
-        "name": name,
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(),
-        "rows": triplets.num_rows,
-        "rows_per_lang_pair": _counts(triplets, "lang_pair"),
-        "dropped_rows": dropped.num_rows,
-        "dropped_per_reason": _counts(dropped, "reason"),
-        "systems": _system_counts(triplets),
-        "license": license,
-        "columns": triplets.column_names,
-        **written,
-        "provenance": provenance,
-    }
-    extra = _check_attachments(
-        attachments(copy.deepcopy(manifest), triplets, dropped) if attachments else {}, pairs)
-    listed = [_entry(fs, folder, f"{ATTACHMENTS_DIR}/{n}", data) for n, data in extra.items()]
-    # The card lists the attachments; the manifest lists the card, then them.
-    text = card.render_card({**manifest, "attachments": listed})
-    front = yaml.safe_dump(card.front_matter(manifest), sort_keys=False, allow_unicode=True)
-    manifest["attachments"] = [_entry(fs, folder, CARD_PATH, text.encode()),
-                               _entry(fs, folder, REPO_YAML, front.encode()), *listed]
-    fs.pipe_file(posixpath.join(folder, MANIFEST),
-                 json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    return publishing.publish_triplets(
+        table, uri, name, provenance, dropped, license=license, conversational=conversational,
+        attachments=attachments, lock_wait_s=lock_wait_s, skip_unchanged=skip_unchanged)
 
 
 def dataset_lock(uri: str, name: str, *, wait_s: float = 0.0, what: str = "a build"):

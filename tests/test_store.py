@@ -12,8 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cpo_data import schema, store
+from cpo_data import publishing, schema, store
 from cpo_data.testing import sample_dropped, sample_triplets
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 def _publish(root, seed=0, name="mt", **kwargs):
@@ -132,15 +138,15 @@ def test_version_folder_opens_with_pandas_and_datasets(tmp_path):
 def test_publish_failing_mid_write_leaves_no_version_and_keeps_latest(tmp_path, monkeypatch):
     before = _publish(tmp_path, seed=0)
     calls = {"n": 0}
-    real = store._parquet_bytes
+    real = publishing._PartFile.close
 
-    def fail_on_second_file(table):
+    def fail_on_second_file(part):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full")
-        return real(table)
+        return real(part)
 
-    monkeypatch.setattr(store, "_parquet_bytes", fail_on_second_file)
+    monkeypatch.setattr(publishing._PartFile, "close", fail_on_second_file)
     with pytest.raises(OSError, match="disk full"):
         _publish(tmp_path, seed=1)
     assert [m["version"] for m in store.list_versions(str(tmp_path / "mt"))] == [before]
@@ -155,14 +161,15 @@ def test_publish_killed_mid_write_leaves_no_version_and_keeps_latest(tmp_path):
         import os, signal
         from cpo_data import store
         from cpo_data.testing import sample_triplets
-        real = store._parquet_bytes
+        from cpo_data import publishing
+        real = publishing._PartFile.close
         calls = []
-        def kill_on_second_file(table):
+        def kill_on_second_file(part):
             calls.append(1)
             if len(calls) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(table)
-        store._parquet_bytes = kill_on_second_file
+            return real(part)
+        publishing._PartFile.close = kill_on_second_file
         store.publish_triplets(sample_triplets(3, seed=1), {str(tmp_path)!r}, "mt", {{}})
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
@@ -235,7 +242,7 @@ def test_reading_an_empty_or_missing_dataset_says_so(tmp_path):
 def test_verify_detects_a_changed_file(tmp_path):
     version = _publish(tmp_path)
     part = next(Path(tmp_path / "mt" / version / "de-en").iterdir())
-    other = store._parquet_bytes(sample_triplets(3, pairs=("de-en",), seed=9))
+    other = _parquet_bytes(sample_triplets(3, pairs=("de-en",), seed=9))
     part.write_bytes(other)
     assert len(store.read_triplets(str(tmp_path / "mt"), verify=False)) == 6  # opted out
     with pytest.raises(store.StoreError, match="sha256 mismatch|bytes, the manifest says"):
@@ -263,7 +270,7 @@ def _as_schema_1(folder: Path, version: int = 1) -> None:
                 for side in ("chosen_scores", "rejected_scores"):
                     row[side] = [{"scorer": e["scorer"], "score": e["score"]} for e in row[side]]
         old = TRIPLETS_V1 if version == 1 else TRIPLETS_V2
-        data = store._parquet_bytes(pa.Table.from_pylist(rows, schema=old))
+        data = _parquet_bytes(pa.Table.from_pylist(rows, schema=old))
         part.write_bytes(data)
         entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest["schema_version"] = version
