@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cpo_data import __version__, guards, schema, select, sources, staging, store
+from cpo_data import __version__, guards, locks, publishing, schema, select, sources, staging, store
 from cpo_data.config import BuildConfig, ConfigError
 from cpo_data.fingerprint import generator_weights, scorer_weights
 from cpo_data.generate import (
@@ -179,13 +179,16 @@ def staged_score(shard: pa.Table, config: BuildConfig, key: str,
                  generate_key: str) -> tuple[Scores, bool]:
     """The shard's scores from `work_dir/shards` when an earlier run finished them, else
     scored now (over the staged candidates) and kept there; and whether they were reused."""
-    found = staging.load(config.work_dir, key)
+    # Scores are only as good as the candidates they were computed on: a generation stage
+    # made again (its files were damaged) may hold other samples.
+    inputs = {"candidates": staging.table_sha256(config.work_dir, generate_key) or ""}
+    found = staging.load(config.work_dir, key, inputs)
     if found is not None:
         return Scores(found.table, found.dropped, ScoreReport(**found.report)), True
     candidates = staged_candidates(config, generate_key)
     result = score_shard(candidates.table, shard, config)
     staging.save(config.work_dir, key, result.table, result.dropped,
-                 dataclasses.asdict(result.report))
+                 dataclasses.asdict(result.report), inputs)
     return result, False
 
 
@@ -257,9 +260,8 @@ class BuildRun:
     inputs: dict[str, Any]
     """What decides each stage's outputs (`stage_inputs`): in the shard keys."""
     summary: BuildSummary
-    candidates: list[pa.Table] = field(default_factory=list)
-    scores: list[pa.Table] = field(default_factory=list)
-    dropped: list[pa.Table] = field(default_factory=list)
+    keys: list[tuple[str, str]] = field(default_factory=list)
+    """Each shard's generation and scoring keys (`shard_keys`), where its stages are kept."""
 
 
 def start_build(config: BuildConfig) -> BuildRun:
@@ -277,8 +279,9 @@ def start_build(config: BuildConfig) -> BuildRun:
                                "duplicates_collapsed": report.duplicates_collapsed,
                                "empty_system_outputs": report.empty_system_outputs})
     weights = {stage: model_fingerprints(config, stage) for stage in ("generate", "score")}
-    return BuildRun(config, loaded, parts, weights, stage_inputs(config), summary,
-                    dropped=[loaded.dropped])  # ingestion's drops join the stages' own
+    run = BuildRun(config, loaded, parts, weights, stage_inputs(config), summary)
+    run.keys = [shard_keys(run, shard) for shard in parts]
+    return run
 
 
 def shard_keys(run: BuildRun, shard: pa.Table) -> tuple[str, str]:
@@ -300,38 +303,51 @@ def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def add_shard(run: BuildRun, generated: Candidates, scored: Scores, generated_now: bool = True,
-              scored_now: bool = True, generated_on: str | None = None,
-              scored_on: str | None = None) -> None:
-    """Keep one shard's tables; count its work only where it was done in this run, and by
-    which process (`generated_on`, `scored_on`: their `process_name()`)."""
-    run.candidates.append(generated.table)
-    run.scores.append(scored.table)
-    run.dropped += [generated.dropped, scored.dropped]
+def add_shard(run: BuildRun, generated: GenerateReport, scored: ScoreReport,
+              generated_now: bool = True, scored_now: bool = True,
+              generated_on: str | None = None, scored_on: str | None = None) -> None:
+    """Count one shard's work (its stages' reports) only where it was done in this run, and
+    by which process (`generated_on`, `scored_on`: their `process_name()`). Its tables stay
+    in `work_dir/shards` until selection reads them, one shard at a time."""
     summary = run.summary
-    _add(summary.truncated.setdefault("generate", {}), generated.report.truncated)
+    _add(summary.truncated.setdefault("generate", {}), generated.truncated)
     if scored_now:
-        _add(summary.truncated.setdefault("score", {}), scored.report.truncated)
+        _add(summary.truncated.setdefault("score", {}), scored.truncated)
     if generated_now:
-        _add(summary.generated, generated.report.generated)
-        _add(summary.generated_from_cache, generated.report.from_cache)
+        _add(summary.generated, generated.generated)
+        _add(summary.generated_from_cache, generated.from_cache)
         if generated_on:
             _add(summary.workers, {generated_on: 1})
     if scored_now:
-        _add(summary.scored, scored.report.scored)
-        _add(summary.scored_from_cache, scored.report.from_cache)
+        _add(summary.scored, scored.scored)
+        _add(summary.scored_from_cache, scored.from_cache)
         if scored_on:
             _add(summary.workers, {scored_on: 1})
     else:
         summary.shards_reused += 1
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return {"count": 0}
-    return {"count": len(values), "mean": sum(values) / len(values), "min": min(values),
-            "max": max(values)}
+@dataclass
+class _Running:
+    """count, mean, min and max of a stream of values, as `_stats` gives them at the end."""
+
+    count: int = 0
+    total: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+
+    def add(self, values: list[float]) -> None:
+        for value in values:
+            if value is not None and math.isfinite(value):
+                self.count += 1
+                self.total += value
+                self.low, self.high = min(self.low, value), max(self.high, value)
+
+    def stats(self) -> dict[str, float]:
+        if not self.count:
+            return {"count": 0}
+        return {"count": self.count, "mean": self.total / self.count, "min": self.low,
+                "max": self.high}
 
 
 def _compare_with_previous(summary: BuildSummary, run: BuildRun) -> None:
@@ -359,61 +375,132 @@ def _scores_for_selection(config: BuildConfig, carried: pa.Table,
     return pa.concat_tables(tables) if tables else None
 
 
-def select_and_publish(run: BuildRun) -> BuildSummary:
-    """Pick pairs over every shard's candidates and scores, publish one version, fill the
-    summary. Called only once every shard finished, so nothing half-built is published."""
-    config, summary = run.config, run.summary
-    candidates = pa.concat_tables(run.candidates) if run.candidates else None
-    scores = _scores_for_selection(config, run.loaded.scores, run.scores)
-    vetoes = guards.check_candidates(run.loaded.table, candidates, config.guards,
-                                     config.generate.reference_name, scores)
-    rules = config.selection
-    selection = select.select_triplets(run.loaded.table, candidates, scores, rules,
-                                       vetoes.by_candidate)
-    dropped = pa.concat_tables([*run.dropped, vetoes.dropped.table(), selection.dropped])
-    provenance = {
-        "cpo_data_version": __version__,
-        "config": dataclasses.asdict(config),
-        "source_files": run.loaded.report.files,
-        "source_fingerprint": sources.fingerprint(run.loaded.table),
-        "rank_by": config.rank_by,
-        "generators": run.weights["generate"],
-        "scorers": run.weights["score"],
-        "ingestion": summary.ingestion,
-        "truncated": summary.truncated,
-        "length_windows": vetoes.windows,
-        "vetoes": vetoes.dropped.counts(),
-        # How often the ranking score agrees with the sources' human labels (the report's).
-        "agreement": dataclasses.asdict(selection.report.agreement),
-        "guarded": vetoes.checked,
-        "min_margin": rules.margin_floor,
-        "noise_thresholds": rules.noise_thresholds,
-    }
-    _compare_with_previous(summary, run)
-    publish = config.publish
-    summary.version = store.publish_triplets(
-        selection.triplets, publish.uri, publish.name, provenance, dropped=dropped,
-        license=publish.license, conversational=publish.conversational,
-        attachments=report_page if publish.report else None, lock_wait_s=publish.lock_wait_s)
-    summary.unchanged = summary.version == summary.previous_version
-    if publish.report:
-        summary.report = f"{summary.dataset_uri.rstrip('/')}/{summary.version}/{REPORT_FILE}"
-    summary.triplets = selection.triplets.num_rows
-    summary.candidates = candidates.num_rows if candidates is not None else 0
-    summary.dropped = dict(Counter(dropped.column("reason").to_pylist()))
-    summary.vetoed, summary.guarded = vetoes.dropped.counts(), vetoes.checked
-    summary.min_margin = rules.margin_floor
-    summary.lang_pairs = dict(Counter(selection.triplets.column("lang_pair").to_pylist()))
-    summary.systems = select.system_counts(selection.report)
-    if selection.report.agreement.labelled:
-        summary.agreement = dataclasses.asdict(selection.report.agreement)
-    if scores is not None and scores.num_rows:
+def _shard_scores(config: BuildConfig, carried: pa.Table, shard: pa.Table,
+                  computed: pa.Table) -> pa.Table | None:
+    """A shard's scores for selection: its stage's, and the carried ones of its sources."""
+    if carried.num_rows:
+        carried = carried.filter(pc.is_in(carried["source_id"], shard.column("source_id")))
+    return _scores_for_selection(config, carried, [computed])
+
+
+@dataclass
+class _Tally:
+    """What selection over every shard adds up to, for the summary and the provenance."""
+
+    candidates: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    vetoed: Counter = field(default_factory=Counter)
+    guarded: int = 0
+    lang_pairs: Counter = field(default_factory=Counter)
+    report: select.SelectReport = field(default_factory=select.SelectReport)
+    scores: dict[str, _Running] = field(default_factory=dict)
+    margins: _Running = field(default_factory=_Running)
+
+    def add_selection(self, report: select.SelectReport) -> None:
+        total = self.report
+        total.sources += report.sources
+        total.triplets += report.triplets
+        for mine, theirs in ((total.by_method, report.by_method), (total.dropped,
+                             report.dropped), (total.chosen, report.chosen),
+                             (total.rejected, report.rejected)):
+            _add(mine, theirs)
+        for name in ("labelled", "compared", "agree", "ties"):
+            setattr(total.agreement, name, getattr(total.agreement, name)
+                    + getattr(report.agreement, name))
+
+    def add_scores(self, scores: pa.Table | None) -> None:
+        if scores is None or not scores.num_rows:
+            return
         by_scorer: dict[str, list[float]] = {}
         for name, value in zip(scores.column("scorer").to_pylist(),
                                scores.column("score").to_pylist(), strict=True):
             by_scorer.setdefault(name, []).append(value)
-        summary.score_summary = {name: _stats(v) for name, v in sorted(by_scorer.items())}
-        summary.score_summary["margin"] = _stats(selection.triplets.column("margin").to_pylist())
+        for name, values in by_scorer.items():
+            self.scores.setdefault(name, _Running()).add(values)
+
+
+def _select_shard(run: BuildRun, context: guards.Context, shard: pa.Table, keys: tuple[str, str],
+                  tally: _Tally) -> tuple[pa.Table, pa.Table]:
+    """One shard's triplets and dropped rows, from its kept stages; counted into `tally`."""
+    config = run.config
+    candidates = staged_candidates(config, keys[0])
+    found = staging.load(config.work_dir, keys[1],
+                         {"candidates": staging.table_sha256(config.work_dir, keys[0]) or ""})
+    if found is None:
+        raise RuntimeError(f"{staging.staged_dir(config.work_dir)}/{keys[1]}: the shard's "
+                           "scores are gone since its scoring finished")
+    scores = _shard_scores(config, run.loaded.scores, shard, found.table)
+    vetoes = guards.check_candidates(shard, candidates.table, config.guards,
+                                     config.generate.reference_name, scores, context)
+    selection = select.select_triplets(shard, candidates.table, scores, config.selection,
+                                       vetoes.by_candidate)
+    dropped = pa.concat_tables([candidates.dropped, found.dropped, vetoes.dropped.table(),
+                                selection.dropped])
+    tally.candidates += candidates.table.num_rows
+    tally.dropped.update(dropped.column("reason").to_pylist())
+    tally.vetoed.update(vetoes.dropped.counts())
+    tally.guarded += vetoes.checked
+    tally.lang_pairs.update(selection.triplets.column("lang_pair").to_pylist())
+    tally.add_selection(selection.report)
+    tally.add_scores(scores)
+    tally.margins.add(selection.triplets.column("margin").to_pylist())
+    return selection.triplets, dropped
+
+
+def select_and_publish(run: BuildRun, held: locks.Held | None = None) -> BuildSummary:
+    """Pick pairs shard by shard, from the stages kept under `work_dir/shards`, straight into
+    the new version's files (`publishing.VersionWriter`), and fill the summary. Called only
+    once every shard finished, so nothing half-built is published; no step holds more than
+    one shard's candidates, scores and pairs. `held`: the dataset's lock, where the caller
+    holds it in another thread (the flow's publish runs in a task's thread)."""
+    config, summary = run.config, run.summary
+    rules, publish = config.selection, config.publish
+    context = guards.dataset_context(run.loaded.table, config.guards)
+    _compare_with_previous(summary, run)
+    tally = _Tally()
+    tally.dropped.update(run.loaded.dropped.column("reason").to_pylist())
+    with publishing.VersionWriter(publish.uri, publish.name, license=publish.license,
+                                  conversational=publish.conversational,
+                                  lock_wait_s=publish.lock_wait_s, held=held) as writer:
+        writer.add(schema.empty(schema.TRIPLETS), run.loaded.dropped)  # ingestion's drops
+        for shard, keys in zip(run.shards, run.keys, strict=True):
+            writer.add(*_select_shard(run, context, shard, keys, tally))
+        report = tally.report
+        provenance = {
+            "cpo_data_version": __version__,
+            "config": dataclasses.asdict(config),
+            "source_files": run.loaded.report.files,
+            "source_fingerprint": sources.fingerprint(run.loaded.table),
+            "rank_by": config.rank_by,
+            "generators": run.weights["generate"],
+            "scorers": run.weights["score"],
+            "ingestion": summary.ingestion,
+            "truncated": summary.truncated,
+            "length_windows": context.windows,
+            "vetoes": dict(tally.vetoed),
+            # How often the ranking score agrees with the sources' human labels (the report's).
+            "agreement": dataclasses.asdict(report.agreement),
+            "guarded": tally.guarded,
+            "min_margin": rules.margin_floor,
+            "noise_thresholds": rules.noise_thresholds,
+        }
+        summary.version = writer.finish(provenance,
+                                        attachments=report_page if publish.report else None)
+    summary.unchanged = summary.version == summary.previous_version
+    if publish.report:
+        summary.report = f"{summary.dataset_uri.rstrip('/')}/{summary.version}/{REPORT_FILE}"
+    summary.triplets = report.triplets
+    summary.candidates = tally.candidates
+    summary.dropped = dict(tally.dropped)
+    summary.vetoed, summary.guarded = dict(tally.vetoed), tally.guarded
+    summary.min_margin = rules.margin_floor
+    summary.lang_pairs = dict(tally.lang_pairs)
+    summary.systems = select.system_counts(report)
+    if report.agreement.labelled:
+        summary.agreement = dataclasses.asdict(report.agreement)
+    if tally.scores:
+        summary.score_summary = {name: tally.scores[name].stats() for name in sorted(tally.scores)}
+        summary.score_summary["margin"] = tally.margins.stats()
     return summary
 
 
@@ -430,27 +517,27 @@ def run_build(config: BuildConfig, progress: Callable[[str], None] = log.info) -
     shard's scoring. In that order the generators are released once, when the first scorer
     loads on their device (`loaded.release`), instead of a 13B model being read again for each
     shard; `progress` hears of each shard once it is scored."""
-    with dataset_lock(config):
-        return _run_build(config, progress)
+    with dataset_lock(config) as held:
+        return _run_build(config, progress, held)
 
 
-def _run_build(config: BuildConfig, progress: Callable[[str], None]) -> BuildSummary:
+def _run_build(config: BuildConfig, progress: Callable[[str], None],
+               held: locks.Held) -> BuildSummary:
     run = start_build(config)
     count = len(run.shards)
-    keys = [shard_keys(run, shard) for shard in run.shards]
     reused = []
-    for number, (shard, (generate_key, _)) in enumerate(zip(run.shards, keys, strict=True), 1):
+    for number, (shard, (generate_key, _)) in enumerate(zip(run.shards, run.keys, strict=True),
+                                                        1):
         candidates, was_reused = staged_generate(shard, run.config, generate_key)
-        reused.append(was_reused)
+        reused.append((candidates.report, was_reused))
         log.info("generated shard %d/%d: %d sources, %d candidates%s", number, count,
                  shard.num_rows, candidates.table.num_rows, " (reused)" if was_reused else "")
-    for number, (shard, (generate_key, score_key), generate_reused) in enumerate(
-            zip(run.shards, keys, reused, strict=True), 1):
+    for number, (shard, (generate_key, score_key), (generated, generate_reused)) in enumerate(
+            zip(run.shards, run.keys, reused, strict=True), 1):
         scored, score_reused = staged_score(shard, run.config, score_key, generate_key)
-        candidates = staged_candidates(run.config, generate_key)
-        add_shard(run, candidates, scored, generated_now=not generate_reused,
+        add_shard(run, generated, scored.report, generated_now=not generate_reused,
                   scored_now=not score_reused, generated_on=process_name(),
                   scored_on=process_name())
         progress(f"shard {number}/{count}: {shard.num_rows} sources, "
-                 f"{candidates.table.num_rows} candidates, {scored.table.num_rows} scores")
-    return select_and_publish(run)
+                 f"{scored.table.num_rows} scores")
+    return select_and_publish(run, held)

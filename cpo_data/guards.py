@@ -194,10 +194,40 @@ def worst_spans(scores: pa.Table, guard: CriticalErrorGuard
     return found
 
 
+@dataclass(frozen=True)
+class Context:
+    """What the guards learn from the whole dataset before checking any part of it: each
+    direction's length window and the languages `off_target` tells apart. A build checks
+    shard by shard with one context, so a shard's vetoes do not depend on the shard size."""
+
+    windows: dict[str, tuple[float, float]]
+    languages: frozenset[str]
+
+
+def dataset_context(sources: pa.Table, config: GuardsConfig) -> Context:
+    """The guards' context for every source in `sources`."""
+    if not (config.length_ratio.enabled or config.off_target.enabled):
+        return Context({}, frozenset())
+    rows = schema.validate(sources, schema.SOURCES, what="sources").select(
+        ["lang_pair", "src_lang", "tgt_lang", "src", "ref"]).to_pylist()
+    windows = length_windows(rows, config.length_ratio) if config.length_ratio.enabled else {}
+    languages: frozenset[str] = frozenset()
+    if config.off_target.enabled:
+        from cpo_data import langid
+
+        languages = langid.language_set(
+            {lang for row in rows for lang in (row["src_lang"], row["tgt_lang"])},
+            config.off_target.extra_languages)
+    return Context(windows, languages)
+
+
 def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: GuardsConfig,
-                     reference_name: str, scores: pa.Table | None = None) -> Vetoes:
+                     reference_name: str, scores: pa.Table | None = None,
+                     context: Context | None = None) -> Vetoes:
     """Run every enabled guard on every candidate that is not the reference; `critical_error`
-    reads the error spans in `scores` (without them it finds nothing)."""
+    reads the error spans in `scores` (without them it finds nothing). `context` (from
+    `dataset_context` over the whole dataset, when `sources` is a part of it) defaults to
+    that of `sources` itself."""
     vetoes = Vetoes()
     enabled = (config.copy_of_source, config.off_target, config.length_ratio, config.repetition,
                config.truncated_generation, config.critical_error)
@@ -211,14 +241,12 @@ def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: Gua
                schema.validate(candidates, schema.CANDIDATES, what="candidates").select(
                    ["source_id", "text", "systems", "decoding", "stopped_at_limit"]).to_pylist()
                if reference_name not in c["systems"] and c["source_id"] in by_id]
-    if config.length_ratio.enabled:
-        vetoes.windows = length_windows(rows, config.length_ratio)
+    if context is None:
+        context = dataset_context(sources, config)
+    vetoes.windows, vetoes.languages = context.windows, context.languages
     if config.off_target.enabled:
         from cpo_data import langid
 
-        vetoes.languages = langid.language_set(
-            {lang for row in rows for lang in (row["src_lang"], row["tgt_lang"])},
-            config.off_target.extra_languages)
         # A cut generation is vetoed as truncated_generation before off_target would look at
         # it, and such texts (often long loops) are the dearest to identify: not identified.
         truncated = config.truncated_generation.enabled

@@ -10,16 +10,16 @@ its age.
 
 The owner tag names the host, the process id and the process's start time (Linux: from
 `/proc/<pid>/stat`), so a pid reused by a later process does not keep a dead writer's files.
-On this host, "gone" is read from `/proc` (elsewhere: the pid alone). Another host's processes
-cannot be seen, so its names are removed only once older than `OTHER_HOST_MAX_AGE_S`.
+On this host, "gone" is read from `/proc` (where `/proc/<pid>` cannot be read, a hidepid mount or
+not Linux: from the pid alone). Another host's processes cannot be seen, so its names are removed
+only once older than `OTHER_HOST_MAX_AGE_S`.
 
-Child processes: `parent_death_signal` is a `preexec_fn` for `subprocess.Popen` that has the
-kernel signal the child when this process dies, SIGKILL included (Linux only).
+Child processes: `dying_with_parent(argv)` is `argv` run so that the kernel signals it when
+this process dies, SIGKILL included (Linux only): `subprocess.Popen(dying_with_parent(argv))`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import posixpath
 import re
@@ -28,7 +28,6 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from functools import cache
 
@@ -56,16 +55,22 @@ def _host() -> str:
     return f"{name}.{re.sub(r'[^0-9]', '', namespace)}"
 
 
-def _start_time(pid: int) -> int | None:
-    """The start time of process `pid` in clock ticks since boot (Linux); None when there is
-    no such process, or it is a zombie (dead, not yet reaped by its parent)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()  # after "(comm)", which may hold spaces
-    except (OSError, IndexError):
-        return None
+def _read_start_time(pid: int) -> int | None:
+    """The start time of process `pid` in clock ticks since boot, from `/proc/<pid>/stat`
+    (Linux); None when it is a zombie (dead, not yet reaped by its parent). Raises OSError
+    when the file cannot be read: no such process, or one hidden from us (hidepid)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read().rsplit(b")", 1)[1].split()  # after "(comm)", which may hold spaces
     # fields[0] is field 3 of proc(5), the state; the start time is field 22.
     return None if fields[0] == b"Z" else int(fields[19])
+
+
+def _start_time(pid: int) -> int | None:
+    """`_read_start_time`, None where it cannot be read."""
+    try:
+        return _read_start_time(pid)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _has_proc() -> bool:
@@ -87,9 +92,17 @@ def stamped(prefix: str) -> str:
 
 
 def _alive(pid: int, start: int) -> bool:
+    if pid <= 0:  # no writer's pid; and os.kill(0, ...) would mean this process group
+        return False
     if _has_proc():
-        found = _start_time(pid)
-        return found is not None and (start == 0 or found == start)
+        try:
+            found = _read_start_time(pid)
+        except (OSError, IndexError, ValueError):
+            # Unreadable: gone, or hidden by a hidepid mount (which can also look like gone,
+            # ENOENT). Reading it as gone would delete a live writer's files; the pid decides.
+            pass
+        else:
+            return found is not None and (start == 0 or found == start)
     try:
         os.kill(pid, 0)  # the pid alone: a reused pid keeps a dead owner's names (safe side)
     except ProcessLookupError:
@@ -151,22 +164,45 @@ def sweep(fs, folder: str, prefix: str) -> list[str]:  # noqa: ANN001 - an fsspe
     return removed
 
 
-def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A `preexec_fn` for `subprocess.Popen`: the child receives `sig` when this process dies,
-    however it dies; None where the kernel has no such setting (not Linux).
+# Run by `dying_with_parent` as `python -c _TIE PARENT SIG ARGV...`, then replaced (exec) by
+# ARGV, keeping its pid. The setting outlives exec; it lives here, not in a `preexec_fn`, because
+# Popen's preexec_fn runs Python between fork and exec, which can deadlock in a parent with
+# threads (the CLI has Prefect's). The pid check: a parent that died before prctl took hold
+# sends no signal, and the child now has another parent (init or a subreaper).
+_TIE = f"""\
+import ctypes, os, sys
+parent, sig, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+if ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, sig, 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != parent:
+    sys.exit(128 + sig)
+try:
+    os.execvp(argv[0], argv)
+except OSError as error:
+    print(f"{{argv[0]}}: {{error.strerror}}", file=sys.stderr)
+    sys.exit(127)
+"""
 
-    Linux sends it when the *thread* that started the child ends, not the process: start the
-    child from a thread that outlives it (the main thread, or one that waits for the child)."""
+
+def _tied(argv: list[str], sig: int, parent: int) -> list[str]:
+    """`argv` behind the `_TIE` script, which expects `parent` as its parent."""
+    # -I -S: the script needs only the standard library, so no site-packages or PYTHON*
+    # variables (they still reach ARGV: the environment is left as it is).
+    return [sys.executable, "-I", "-S", "-c", _TIE, str(parent), str(int(sig)), *argv]
+
+
+def dying_with_parent(argv: list[str], sig: int = signal.SIGTERM) -> list[str]:
+    """`argv` as a command that receives `sig` when this process dies, however it dies, for
+    `subprocess.Popen` (a list: no shell, no `executable=`); the child keeps its pid, so
+    `Popen.terminate()` and `wait()` reach `argv` itself. A program that cannot be run is
+    not raised by Popen: the child says so on its stderr and exits 127, as a shell does.
+    `argv` unchanged where the kernel has no such setting (not Linux).
+
+    Linux sends `sig` when the *thread* that started the child ends, not the process: start
+    the child from a thread that outlives it (the main thread, or one that waits for it)."""
+    argv = [os.fspath(arg) for arg in argv]
+    if not argv:
+        raise ValueError("dying_with_parent: an empty command")
     if not sys.platform.startswith("linux"):
-        return None
-    # Looked up before the fork: the child runs as little Python as possible before exec.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def in_child() -> None:
-        if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:  # the parent died before the setting took hold
-            os._exit(128 + int(sig))
-
-    return in_child
+        return argv
+    return _tied(argv, sig, os.getpid())

@@ -8,10 +8,11 @@ data gives equal bytes however it was cut. The manifest's counts are kept as the
 the sha256s are taken from the written files, read back in chunks.
 
 Whole or not at all, as `cpo_data.store` describes: the writer holds the dataset's lock
-(`locks.dataset_lock`), writes into a hidden temporary folder (object stores: the version
-folder itself, named in the lock marker) and renames it into place after the manifest; any
-error or a kill leaves no version, and the next writer sweeps what is left. Data whose files equal
-the newest version's publishes nothing (`skip_unchanged`).
+(`locks.dataset_lock`, or the `held` one its caller hands over from another thread), writes
+into a hidden temporary folder (object stores: the version folder itself, named in the lock
+marker) and renames it into place after the manifest; any error or a kill leaves no version,
+and the next writer sweeps what is left. Data whose files equal the newest version's publishes
+nothing (`skip_unchanged`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import hashlib
 import json
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,7 +42,34 @@ ROW_GROUP_ROWS = 8192
 """Rows per Parquet row group: a language pair's rows wait here until they fill one, so memory
 stays at this many rows per pair while the files' bytes do not depend on the shards."""
 
-Attachments = Callable[[dict, pa.Table, pa.Table], Mapping[str, bytes]]
+@dataclass(frozen=True)
+class WrittenFiles:
+    """Parquet files a writer wrote, for the attachments hook to read back: in batches
+    (`batches`, what `report.render_report` takes, so a report costs memory per batch) or
+    whole (`read`)."""
+
+    fs: Any
+    folder: str
+    paths: tuple[str, ...]
+    table_schema: pa.Schema
+
+    def batches(self, columns: list[str] | None = None,
+                batch_rows: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
+        for relative in self.paths:
+            with self.fs.open(posixpath.join(self.folder, relative), "rb") as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(
+                        batch_size=batch_rows, columns=columns, use_threads=False):
+                    yield pa.Table.from_batches([batch])
+
+    def read(self) -> pa.Table:
+        tables = []
+        for relative in self.paths:
+            with self.fs.open(posixpath.join(self.folder, relative), "rb") as handle:
+                tables.append(pq.read_table(handle, use_threads=False))  # see cache.py
+        return pa.concat_tables(tables) if tables else schema.empty(self.table_schema)
+
+
+Attachments = Callable[[dict, WrittenFiles, WrittenFiles], Mapping[str, bytes]]
 """(manifest as it will be written, less `attachments`; triplets; dropped) -> name -> bytes."""
 
 
@@ -145,12 +174,17 @@ class VersionWriter:
             version = writer.finish(provenance, attachments=hook)
 
     The dataset's lock is held from `__enter__` (waiting up to `lock_wait_s`) to `__exit__`;
-    leaving the block without `finish` (an error) removes what was written."""
+    leaving the block without `finish` (an error) removes what was written. `held`: the
+    dataset's lock as a holder in another thread took it (`locks.dataset_lock` yields it;
+    re-entry is per thread, so a Prefect task would otherwise wait on its own flow); then
+    the writer takes no lock and it must be this dataset's (ValueError otherwise)."""
 
     def __init__(self, uri: str, name: str, *, license: str | None = None,
-                 conversational: bool = False, lock_wait_s: float = 0.0):
+                 conversational: bool = False, lock_wait_s: float = 0.0,
+                 held: locks.Held | None = None):
         self.uri, self.name, self.license = uri, name, license
         self.conversational, self.lock_wait_s = conversational, lock_wait_s
+        self.held = held
         self.where = store.dataset_uri(uri, name)
         self._files: dict[str, _PartFile] = {}
         self._chat: dict[str, _PartFile] = {}
@@ -167,8 +201,12 @@ class VersionWriter:
         store._require_folder(fs, root, self.uri)
         self.fs, self.dataset_dir = fs, posixpath.join(root, self.name)
         store._require_folder(fs, self.dataset_dir, self.where)
-        self._stack.enter_context(locks.dataset_lock(fs, self.dataset_dir, self.where,
-                                                     wait_s=self.lock_wait_s, what="a publish"))
+        if self.held is None:
+            self._lock = self._stack.enter_context(locks.dataset_lock(
+                fs, self.dataset_dir, self.where, wait_s=self.lock_wait_s, what="a publish"))
+        else:
+            locks.check_held(self.held, fs, self.dataset_dir)
+            self._lock = self.held
         try:
             self._clear_abandoned()
             self.newest = self._newest_manifest()
@@ -177,7 +215,7 @@ class VersionWriter:
             # Object stores have no rename: write in place, the manifest (last) makes it visible.
             self.folder = posixpath.join(self.dataset_dir, leftovers.stamped(store.TEMPORARY)
                                          if self.local else self.version)
-            locks.announce_writing(fs, self.dataset_dir, self.version)
+            locks.announce_writing(fs, self.dataset_dir, self.version, self._lock)
         except BaseException:
             self._stack.close()
             raise
@@ -252,13 +290,6 @@ class VersionWriter:
             self._dropped.write(dropped)
             self._reasons.update(store._counts(dropped, "reason"))
 
-    def _read_back(self, parts: list[_PartFile], table_schema: pa.Schema) -> pa.Table:
-        tables = []
-        for part in parts:
-            with self.fs.open(posixpath.join(self.folder, part.relative), "rb") as handle:
-                tables.append(pq.read_table(handle, use_threads=False))  # see cache.py
-        return pa.concat_tables(tables) if tables else schema.empty(table_schema)
-
     def finish(self, provenance: dict[str, Any] | None = None, *,
                attachments: Attachments | None = None, skip_unchanged: bool = True) -> str:
         """Close the files, then (unless the data equals the newest version's) write the
@@ -303,8 +334,10 @@ class VersionWriter:
         }
         extra = {}
         if attachments is not None:
-            triplets = self._read_back(list(self._files.values()), schema.TRIPLETS)
-            dropped = self._read_back([self._dropped] if self._dropped else [], schema.DROPPED)
+            triplets = WrittenFiles(self.fs, self.folder, tuple(
+                part.relative for part in self._files.values()), schema.TRIPLETS)
+            dropped = WrittenFiles(self.fs, self.folder, (self._dropped.relative,)
+                                   if self._dropped else (), schema.DROPPED)
             extra = _check_attachments(attachments(copy.deepcopy(manifest), triplets, dropped),
                                        list(self._rows))
         fs, folder = self.fs, self.folder
@@ -315,6 +348,9 @@ class VersionWriter:
         front = yaml.safe_dump(card.front_matter(manifest), sort_keys=False, allow_unicode=True)
         manifest["attachments"] = [_entry(fs, folder, store.CARD_PATH, text.encode()),
                                    _entry(fs, folder, store.REPO_YAML, front.encode()), *listed]
+        # A lease lost while writing (the heartbeat failed past LEASE_S) means another writer
+        # may be sweeping this folder as abandoned: the manifest would make a half version.
+        locks.check_lease(fs, self.dataset_dir, self._lock)
         fs.pipe_file(posixpath.join(folder, store.MANIFEST),
                      json.dumps(manifest, indent=2, ensure_ascii=False).encode())
         if self.local:
@@ -336,7 +372,7 @@ def publish_triplets(table: pa.Table, uri: str, name: str,
                      provenance: dict[str, Any] | None = None, dropped: pa.Table | None = None,
                      *, license: str | None = None, conversational: bool = False,
                      attachments: Attachments | None = None, lock_wait_s: float = 0.0,
-                     skip_unchanged: bool = True) -> str:
+                     skip_unchanged: bool = True, held: locks.Held | None = None) -> str:
     """`store.publish_triplets`: one whole table through a `VersionWriter`."""
     triplets = schema.validate(table, schema.TRIPLETS, what="triplets")
     if dropped is not None:
@@ -352,7 +388,7 @@ def publish_triplets(table: pa.Table, uri: str, name: str,
     except (TypeError, ValueError) as error:
         raise StoreError(f"provenance is not JSON-serializable: {error}") from None
     with VersionWriter(uri, name, license=license, conversational=conversational,
-                       lock_wait_s=lock_wait_s) as writer:
+                       lock_wait_s=lock_wait_s, held=held) as writer:
         writer.add(triplets, dropped)
         return writer.finish(provenance, attachments=attachments,
                              skip_unchanged=skip_unchanged)

@@ -21,7 +21,10 @@ import difflib
 import html
 import io
 import re
+from array import array
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -74,13 +77,101 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "n/a"
 
 
-def _records(table: Any) -> list[dict]:
-    """Rows of an Arrow table (or of a DataFrame, as `store.read_dropped` returns)."""
-    if table is None:
-        return []
-    if not isinstance(table, pa.Table):
-        table = pa.Table.from_pandas(table, preserve_index=False)  # NaN back to None
-    return table.to_pylist()
+BATCH_ROWS = 8192
+"""Rows read at a time: the page is gathered batch by batch, so rendering it costs memory per
+batch (plus a few numbers per pair), not per version."""
+
+TRIPLET_FACTS = ["id", "lang_pair", "selected_by", "chosen_system", "rejected_system",
+                 "chosen_score", "rejected_score", "chosen_scores", "rejected_scores", "margin"]
+"""The triplet columns the page counts and draws; the texts are read for the sample only."""
+DROPPED_FACTS = ["lang_pair", "reason", "detail"]
+
+
+def _batches(data: Any, columns: list[str] | None = None,
+             batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+    """`data` (an Arrow table, a DataFrame as `store.read_dropped` returns, or something with
+    a `batches(columns, batch_rows)` method: a version's written files) in tables of at most
+    `batch_rows` rows, with `columns` only."""
+    if data is None:
+        return
+    if hasattr(data, "batches"):
+        yield from data.batches(columns, batch_rows)
+        return
+    if not isinstance(data, pa.Table):
+        data = pa.Table.from_pandas(data, preserve_index=False)  # NaN back to None
+    if columns is not None:
+        data = data.select(columns)
+    for start in range(0, data.num_rows, batch_rows):
+        yield data.slice(start, batch_rows)
+
+
+@dataclass
+class PairFacts:
+    """What the page shows of one language pair, added up batch by batch."""
+
+    triplets: int = 0
+    by_method: Counter = field(default_factory=Counter)
+    chosen: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    side_scores: dict[str, dict[str, array]] = field(default_factory=dict)
+    """system -> side -> the ranking scores of its texts on that side."""
+    score_sums: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    """(system, scorer, side) -> [sum, count]."""
+    margins: array = field(default_factory=lambda: array("d"))
+    labelled: int = 0
+    label_margins: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """Of the human-label pairs scored on both sides: compared, agree, ties."""
+    dropped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    """reason -> the first dropped row's detail."""
+
+    def add_triplet(self, row: dict) -> None:
+        self.triplets += 1
+        self.by_method[row["selected_by"]] += 1
+        for side in ("chosen", "rejected"):
+            systems = _systems(row[f"{side}_system"])
+            (self.chosen if side == "chosen" else self.rejected).update(systems)
+            score = row[f"{side}_score"]
+            for system in systems:
+                sides = self.side_scores.setdefault(system, {"chosen": array("d"),
+                                                             "rejected": array("d")})
+                if score is not None:
+                    sides[side].append(score)
+            for entry in row[f"{side}_scores"] or []:
+                if entry["score"] is None:
+                    continue
+                for system in systems:
+                    total = self.score_sums.setdefault((system, entry["scorer"], side), [0.0, 0])
+                    total[0] += entry["score"]
+                    total[1] += 1
+        margin = row["margin"]
+        if margin is not None:
+            self.margins.append(margin)
+        if row["selected_by"] == "human_label":
+            self.labelled += 1
+            if (row["chosen_score"] is not None and row["rejected_score"] is not None
+                    and margin is not None):
+                counts = self.label_margins
+                counts[0] += 1
+                counts[1] += margin > 0
+                counts[2] += margin == 0
+
+    def add_dropped(self, row: dict) -> None:
+        self.dropped[row["reason"]] += 1
+        if row.get("detail") and row["reason"] not in self.examples:
+            self.examples[row["reason"]] = row["detail"][:240]
+
+
+def gather(triplets: Any, dropped: Any, batch_rows: int = BATCH_ROWS) -> dict[str, PairFacts]:
+    """Each language pair's facts, in one pass over each table."""
+    facts: dict[str, PairFacts] = {}
+    for batch in _batches(triplets, TRIPLET_FACTS, batch_rows):
+        for row in batch.to_pylist():
+            facts.setdefault(row["lang_pair"], PairFacts()).add_triplet(row)
+    for batch in _batches(dropped, DROPPED_FACTS, batch_rows):
+        for row in batch.to_pylist():
+            facts.setdefault(row["lang_pair"], PairFacts()).add_dropped(row)
+    return facts
 
 
 def _table(header: list[str] | None, rows: list[list[Any]], numeric: set[int] = frozenset(),
@@ -143,21 +234,14 @@ def _bins(values: list[float], count: int = 30) -> list[float]:
     return [low + (high - low) * i / count for i in range(count + 1)]
 
 
-def score_chart(rows: list[dict], rank_by: str, prefix: str) -> str:
+def score_chart(facts: PairFacts, rank_by: str, prefix: str) -> str:
     """Per system, histograms of the ranking score of its texts on the chosen side and on the
     rejected side; one panel per system, bins shared across panels."""
-    by_system: dict[str, dict[str, list[float]]] = {}
-    for row in rows:
-        for side in ("chosen", "rejected"):
-            score = row[f"{side}_score"]
-            for system in _systems(row[f"{side}_system"]):
-                sides = by_system.setdefault(system, {"chosen": [], "rejected": []})
-                if score is not None:
-                    sides[side].append(score)
-    scores = [s for sides in by_system.values() for v in sides.values() for s in v]
-    if not scores:
+    by_system = facts.side_scores
+    filled = [v for sides in by_system.values() for v in sides.values() if v]
+    if not filled:
         return '<p class="muted">No pair of this language pair carries the ranking score.</p>'
-    bins = _bins(scores)
+    bins = _bins([min(min(v) for v in filled), max(max(v) for v in filled)])
     systems = sorted(by_system)
     columns = min(3, len(systems))
     lines = -(-len(systems) // columns)
@@ -199,11 +283,10 @@ def margin_floor(manifest: dict) -> tuple[float | None, float | None, str]:
     return floor, noise, f"Pairs needed a margin of at least {floor:g} ({origin})."
 
 
-def margin_chart(rows: list[dict], floor: float | None, noise: float | None, rank_by: str,
-                 prefix: str) -> str:
+def margin_chart(margins: Sequence[float], floor: float | None, noise: float | None,
+                 rank_by: str, prefix: str) -> str:
     """Histogram of the pairs' margins, with the floor they had to reach as a vertical line
     (gid `noise-threshold`), and the noise threshold (dashed) where a set floor overrides it."""
-    margins = [row["margin"] for row in rows if row["margin"] is not None]
     if not margins:
         return '<p class="muted">No pair of this language pair has a margin.</p>'
     figure = _figure(7.5, 2.8)
@@ -227,35 +310,27 @@ def margin_chart(rows: list[dict], floor: float | None, noise: float | None, ran
 
 # ---- tables -------------------------------------------------------------------------------
 
-def systems_table(rows: list[dict]) -> str:
+def systems_table(facts: PairFacts) -> str:
     """How often each system is chosen and rejected, per pair (ALMA-R's Table 2)."""
-    chosen = Counter(s for row in rows for s in _systems(row["chosen_system"]))
-    rejected = Counter(s for row in rows for s in _systems(row["rejected_system"]))
+    chosen, rejected, pairs = facts.chosen, facts.rejected, facts.triplets
     systems = sorted(chosen.keys() | rejected.keys(), key=lambda s: (-chosen[s], s))
     return _table(
         ["system", "chosen", "chosen, % of pairs", "rejected", "rejected, % of pairs"],
-        [[s, chosen[s], _pct(chosen[s], len(rows)), rejected[s], _pct(rejected[s], len(rows))]
+        [[s, chosen[s], _pct(chosen[s], pairs), rejected[s], _pct(rejected[s], pairs)]
          for s in systems], numeric={1, 2, 3, 4})
 
 
-def scorer_means_table(rows: list[dict]) -> str:
+def scorer_means_table(facts: PairFacts) -> str:
     """Per system and scorer, the mean score of its texts on each side."""
-    sums: dict[tuple[str, str, str], list[float]] = {}
-    for row in rows:
-        for side in ("chosen", "rejected"):
-            for entry in row[f"{side}_scores"] or []:
-                if entry["score"] is None:
-                    continue
-                for system in _systems(row[f"{side}_system"]):
-                    sums.setdefault((system, entry["scorer"], side), []).append(entry["score"])
+    sums = facts.score_sums
     scorers = sorted({scorer for _, scorer, _ in sums})
     systems = sorted({system for system, _, _ in sums})
     if not scorers:
         return ""
 
     def mean(key: tuple[str, str, str]) -> str:
-        values = sums.get(key)
-        return _num(sum(values) / len(values)) if values else "–"
+        total = sums.get(key)
+        return _num(total[0] / total[1]) if total else "–"
 
     header = ["system"] + [f"{scorer}, {side}" for scorer in scorers
                            for side in ("chosen", "rejected")]
@@ -265,28 +340,25 @@ def scorer_means_table(rows: list[dict]) -> str:
             + _table(header, body, numeric=set(range(1, len(header)))))
 
 
-def drops_table(dropped: list[dict]) -> str:
+def drops_table(facts: PairFacts) -> str:
     """Dropped rows per reason, guards' vetoes marked, with one example detail each."""
-    if not dropped:
+    if not facts.dropped:
         return '<p class="muted">Nothing of this language pair was dropped.</p>'
-    counts = Counter(row["reason"] for row in dropped)
-    example: dict[str, str] = {}
-    for row in dropped:
-        if row.get("detail") and row["reason"] not in example:
-            example[row["reason"]] = row["detail"][:240]
+    counts, example = facts.dropped, facts.examples
     rows = [[reason, "guard veto" if reason in GUARDS else "drop", count,
              example.get(reason, "")] for reason, count in counts.most_common()]
     return _table(["reason", "kind", "rows", "example detail"], rows, numeric={2})
 
 
-def guards_table(manifest: dict, dropped: list[dict]) -> str:
+def guards_table(manifest: dict, facts: dict[str, PairFacts]) -> str:
     """Each guard: on or off, the candidates it vetoed out of those checked, per pair too."""
     provenance = manifest.get("provenance") or {}
     vetoes = provenance.get("vetoes") or {}
     guarded = provenance.get("guarded")
     config = (provenance.get("config") or {}).get("guards") or {}
-    pairs = sorted({row["lang_pair"] for row in dropped if row["reason"] in GUARDS})
-    per_pair = Counter((row["reason"], row["lang_pair"]) for row in dropped)
+    pairs = sorted(p for p, f in facts.items() if any(f.dropped[g] for g in GUARDS))
+    per_pair = Counter({(reason, p): n for p, f in facts.items()
+                        for reason, n in f.dropped.items()})
     rows = []
     for guard in GUARDS:
         setting = config.get(guard)
@@ -303,24 +375,20 @@ def guards_table(manifest: dict, dropped: list[dict]) -> str:
                      numeric=set(range(2, 3 + len(pairs)))))
 
 
-def label_agreement(rows: list[dict], rank_by: str) -> str:
+def label_agreement(facts: PairFacts, rank_by: str) -> str:
     """Of the pairs a human label chose that carry the ranking score on both sides: how often
     the score agrees with the label (margin > 0), ties, or disagrees."""
-    labelled = [row for row in rows if row["selected_by"] == "human_label"]
-    if not labelled:
+    if not facts.labelled:
         return ('<p class="muted">No pair of this language pair was chosen by a human label '
                 "(none carries one, or <code>select.use_human_labels</code> is off). Where "
                 "the sources carry labels that were not used, the overview says how often the "
                 "ranking score agreed with them across the build (versions built before "
                 "cpo-data kept that in the manifest do not say).</p>")
-    margins = [row["margin"] for row in labelled if row["chosen_score"] is not None
-               and row["rejected_score"] is not None and row["margin"] is not None]
-    agree = sum(m > 0 for m in margins)
-    ties = sum(m == 0 for m in margins)
-    return (f"<p>{len(labelled)} pairs were chosen by a human label; {len(margins)} carry "
+    compared, agree, ties = facts.label_margins
+    return (f"<p>{facts.labelled} pairs were chosen by a human label; {compared} carry "
             f"{_e(rank_by)} on both sides. Of those, the score agrees with the label in "
-            f"<b>{agree} of {len(margins)}</b> ({_pct(agree, len(margins))}), ties in {ties} "
-            f"and disagrees in {len(margins) - agree - ties}.</p>")
+            f"<b>{agree} of {compared}</b> ({_pct(agree, compared)}), ties in {ties} "
+            f"and disagrees in {compared - agree - ties}.</p>")
 
 
 # ---- sample pairs ---------------------------------------------------------------------------
@@ -360,9 +428,60 @@ def sample(rows: list[dict], count: int = SAMPLE_PAIRS) -> list[dict]:
     return [scored[i] for i in picks]
 
 
-def sample_pairs(rows: list[dict], count: int = SAMPLE_PAIRS) -> str:
+def _pick(ordered: Any, count: int, ties: dict[float, list[dict]]) -> list[dict]:
+    """`sample`'s picks by rank in `ordered` (a pair's margins, sorted), from the rows kept
+    for the margins the picks land on (`ties`, each margin's rows)."""
+    import numpy as np
+
+    picked = []
+    for rank in sorted({round(i * (len(ordered) - 1) / (count - 1)) for i in range(count)}):
+        margin = float(ordered[rank])
+        below = int(np.searchsorted(ordered, margin, side="left"))
+        picked.append(sorted(ties[margin], key=lambda r: r["id"])[rank - below])
+    return picked
+
+
+def samples(triplets: Any, facts: dict[str, PairFacts], count: int = SAMPLE_PAIRS,
+            batch_rows: int = BATCH_ROWS) -> dict[str, list[dict]]:
+    """`sample` of each pair's triplets, in a second pass that keeps only the rows a pick can
+    land on: those with a margin a pick's rank has (with their ties), and, for a pair with at
+    most `count` margins, every row with one and the first unscored rows by id."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ordered = {p: np.sort(np.frombuffer(f.margins, dtype=np.float64)) if f.margins
+               else np.empty(0) for p, f in facts.items()}
+    targets = {p: {float(m[round(i * (len(m) - 1) / (count - 1))]) for i in range(count)}
+               for p, m in ordered.items() if len(m) > count}
+    few = {p for p, m in ordered.items() if len(m) <= count and facts[p].triplets}
+    wanted = pa.array(sorted({m for values in targets.values() for m in values}), pa.float64())
+    kept: dict[str, list[dict]] = {p: [] for p in few}
+    ties: dict[str, dict[float, list[dict]]] = {p: {} for p in targets}
+    for batch in _batches(triplets, None, batch_rows):
+        margin = batch.column("margin")
+        mask = pc.is_in(margin, value_set=wanted)
+        if few:  # a `few` pair's rows are all looked at, and only the first ids kept
+            mask = pc.or_(mask, pc.is_in(batch.column("lang_pair"),
+                                         value_set=pa.array(sorted(few), pa.string())))
+        for row in batch.filter(pc.fill_null(mask, False)).to_pylist():
+            pair = row["lang_pair"]
+            if pair in kept:
+                kept[pair].append(row)
+                scored = [r for r in kept[pair] if r["margin"] is not None]
+                unscored = sorted((r for r in kept[pair] if r["margin"] is None),
+                                  key=lambda r: r["id"])
+                kept[pair] = scored + unscored[:count]  # only the first ids can be picked
+            elif pair in ties and row["margin"] in targets[pair]:
+                ties[pair].setdefault(row["margin"], []).append(row)
+    found = {p: sample(rows, count) for p, rows in kept.items()}
+    found.update({p: _pick(ordered[p], count, ties[p]) for p in targets})
+    return found
+
+
+def sample_pairs(picked: list[dict]) -> str:
+    """The sampled pairs side by side (`samples`)."""
     blocks = []
-    for row in sample(rows, count):
+    for row in picked:
         chosen, rejected = highlight(row["chosen"], row["rejected"])
         blocks.append(
             '<div class="pair">'
@@ -379,28 +498,29 @@ def sample_pairs(rows: list[dict], count: int = SAMPLE_PAIRS) -> str:
 
 # ---- the page ------------------------------------------------------------------------------
 
-def _overview(manifest: dict, rows: list[dict], dropped: list[dict], floor_text: str) -> str:
+def _overview(manifest: dict, pairs: dict[str, PairFacts], floor_text: str) -> str:
     provenance = manifest.get("provenance") or {}
-    per_pair = manifest.get("rows_per_lang_pair") or dict(Counter(r["lang_pair"] for r in rows))
+    per_pair = manifest.get("rows_per_lang_pair") or {p: f.triplets for p, f in pairs.items()
+                                                      if f.triplets}
+    by_method = sum((f.by_method for f in pairs.values()), Counter())
+    all_dropped = sum((f.dropped for f in pairs.values()), Counter())
     facts = [
         ["dataset", manifest.get("name", "unknown")],
         ["version", manifest.get("version", "unknown")],
         ["created", manifest.get("created_at", "unknown")],
-        ["triplets", manifest.get("rows", len(rows))],
-        ["dropped rows", manifest.get("dropped_rows", len(dropped))],
+        ["triplets", manifest.get("rows", sum(f.triplets for f in pairs.values()))],
+        ["dropped rows", manifest.get("dropped_rows", all_dropped.total())],
         ["ranked by", provenance.get("rank_by", "unknown")],
         ["margin floor", floor_text],
-        ["selected by", ", ".join(f"{k}: {v}" for k, v in
-                                  sorted(Counter(r["selected_by"] for r in rows).items()))],
+        ["selected by", ", ".join(f"{k}: {v}" for k, v in sorted(by_method.items()))],
     ]
     ingestion = provenance.get("ingestion")
     if ingestion:
         facts.append(["ingestion", ", ".join(f"{k}: {v}" for k, v in ingestion.items())])
-    dropped_pairs = Counter(row["lang_pair"] for row in dropped)
-    pairs = _table(["language pair", "triplets", "dropped rows"],
-                   [[p, n, dropped_pairs.get(p, 0)] for p, n in sorted(per_pair.items())],
-                   numeric={1, 2})
-    reasons = manifest.get("dropped_per_reason") or dict(Counter(r["reason"] for r in dropped))
+    counts = _table(["language pair", "triplets", "dropped rows"],
+                    [[p, n, pairs[p].dropped.total() if p in pairs else 0]
+                     for p, n in sorted(per_pair.items())], numeric={1, 2})
+    reasons = manifest.get("dropped_per_reason") or dict(all_dropped)
     reasons_html = (_table(["reason", "rows"], sorted(reasons.items(), key=lambda kv: -kv[1]),
                            numeric={1}) if reasons
                     else '<p class="muted">Nothing was dropped.</p>')
@@ -413,51 +533,52 @@ def _overview(manifest: dict, rows: list[dict], dropped: list[dict], floor_text:
             f"({_pct(agreement.get('agree', 0), agreement['compared'])}).</p>")
     return ('<section id="overview"><h2>Overview</h2>'
             + _table(None, facts, css="facts")
-            + "<h3>Language pairs</h3>" + pairs
+            + "<h3>Language pairs</h3>" + counts
             + "<h3>Drop reasons</h3>" + reasons_html
-            + '<h3 id="guards">Guards</h3>' + guards_table(manifest, dropped)
+            + '<h3 id="guards">Guards</h3>' + guards_table(manifest, pairs)
             + agreement_html + "</section>")
 
 
-def _pair_section(pair: str, rows: list[dict], dropped: list[dict], rank_by: str,
+def _pair_section(pair: str, facts: PairFacts, picked: list[dict], rank_by: str,
                   floor: float | None, noise: float | None, floor_text: str, index: int) -> str:
-    by_method = Counter(row["selected_by"] for row in rows)
     return (
         f'<section id="{_e(pair)}"><h2>{_e(_pair_title(pair))}</h2>'
-        f"<p>{len(rows)} triplets ("
-        + ", ".join(f"{_e(k)}: {v}" for k, v in sorted(by_method.items()))
-        + f"), {len(dropped)} dropped rows.</p>"
+        f"<p>{facts.triplets} triplets ("
+        + ", ".join(f"{_e(k)}: {v}" for k, v in sorted(facts.by_method.items()))
+        + f"), {facts.dropped.total()} dropped rows.</p>"
         f'<h3 id="{_e(pair)}-scores">Score distributions per system</h3>'
         f"<p>The ranking score, {_e(rank_by)}, of each system's texts as the chosen side "
         "(filled) and as the rejected side (outline).</p>"
-        + score_chart(rows, rank_by, f"s{index}") + scorer_means_table(rows)
+        + score_chart(facts, rank_by, f"s{index}") + scorer_means_table(facts)
         + f'<h3 id="{_e(pair)}-margins">Margins</h3><p>{_e(floor_text)}</p>'
-        + margin_chart(rows, floor, noise, rank_by, f"m{index}")
+        + margin_chart(facts.margins, floor, noise, rank_by, f"m{index}")
         + f'<h3 id="{_e(pair)}-systems">Systems chosen and rejected</h3>'
-        + systems_table(rows)
-        + f'<h3 id="{_e(pair)}-dropped">Dropped and vetoed</h3>' + drops_table(dropped)
+        + systems_table(facts)
+        + f'<h3 id="{_e(pair)}-dropped">Dropped and vetoed</h3>' + drops_table(facts)
         + f'<h3 id="{_e(pair)}-labels">Agreement with human labels</h3>'
-        + label_agreement(rows, rank_by)
+        + label_agreement(facts, rank_by)
         + f'<h3 id="{_e(pair)}-sample">Sample pairs</h3><p class="muted">The smallest and the '
         "largest margin and evenly between; words only one side has are highlighted.</p>"
-        + sample_pairs(rows) + "</section>")
+        + sample_pairs(picked) + "</section>")
 
 
-def render_report(manifest: dict, triplets: pa.Table, dropped: pa.Table) -> str:
+def render_report(manifest: dict, triplets: Any, dropped: Any,
+                  batch_rows: int = BATCH_ROWS) -> str:
     """The report on one version as a complete HTML document: inline CSS and SVG, no script,
-    nothing fetched. Keys missing from an older version's manifest are said to be missing."""
-    rows = _records(triplets)
-    dropped_rows = _records(dropped)
+    nothing fetched. Keys missing from an older version's manifest are said to be missing.
+    `triplets` and `dropped` as `_batches` takes them; each is read `batch_rows` at a time
+    (the triplets twice: the facts, then the sample), never whole."""
+    facts = gather(triplets, dropped, batch_rows)
+    picked = samples(triplets, facts, batch_rows=batch_rows)
     provenance = manifest.get("provenance") or {}
     rank_by = provenance.get("rank_by") or "the ranking score"
     floor, noise, floor_text = margin_floor(manifest)
-    pairs = sorted({row["lang_pair"] for row in rows} | {row["lang_pair"] for row in dropped_rows})
+    pairs = sorted(facts)
     title = f"{manifest.get('name', 'dataset')} {manifest.get('version', '')}".strip()
     contents = "".join(f'<li><a href="#{_e(p)}">{_e(_pair_title(p))}</a></li>' for p in pairs)
     sections = "".join(
-        _pair_section(pair, [r for r in rows if r["lang_pair"] == pair],
-                      [r for r in dropped_rows if r["lang_pair"] == pair], rank_by, floor,
-                      noise, floor_text, index)
+        _pair_section(pair, facts[pair], picked.get(pair, []), rank_by, floor, noise,
+                      floor_text, index)
         for index, pair in enumerate(pairs))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -467,7 +588,7 @@ def render_report(manifest: dict, triplets: pa.Table, dropped: pa.Table) -> str:
         "cpo-data dataset: what was kept, what was left out and why.</p>"
         '<nav><b>Contents</b><ul><li><a href="#overview">Overview</a></li>'
         f'<li><a href="#guards">Guards</a></li>{contents}</ul></nav>'
-        + _overview(manifest, rows, dropped_rows, floor_text) + sections
+        + _overview(manifest, facts, floor_text) + sections
         + "</body></html>\n")
 
 

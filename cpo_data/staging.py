@@ -4,7 +4,9 @@ Each stage of each shard (its generation, its scoring) is kept under its content
 (`build.shard_key`): `{key}.parquet` (the stage's table), `{key}.dropped.parquet` (what it
 dropped) and `{key}.json`, written last, which holds the stage's report and the two files'
 sizes and sha256s. A stage counts as finished only when its JSON is there and both files match
-it, so a kill mid-write, a torn file or an edit is recomputed, never trusted. A rerun finds
+it, so a kill mid-write, a torn file or an edit is recomputed, never trusted. A stage built
+on another's table (scoring, on the candidates) records that table's sha256 as its `inputs`,
+and is redone when the candidates it would be read with are not those. A rerun finds
 the finished stages by key and loads no model for them; a build's flow or plain loop and
 every Dask worker share the folder (it must be storage they all reach).
 
@@ -68,8 +70,9 @@ def _put(fs: fsspec.AbstractFileSystem, folder: str, name: str, data: bytes) -> 
 
 
 def save(work_dir: str, key: str, table: pa.Table, dropped: pa.Table,
-         report: dict[str, Any]) -> None:
-    """Keep one finished stage under `key`; its JSON is written last."""
+         report: dict[str, Any], inputs: dict[str, str] | None = None) -> None:
+    """Keep one finished stage under `key`; its JSON is written last. `inputs`: the sha256s
+    of the staged tables this stage was computed from (`table_sha256`)."""
     fs, folder = _folder(work_dir)
     fs.makedirs(folder, exist_ok=True)
     files = {}
@@ -78,14 +81,11 @@ def save(work_dir: str, key: str, table: pa.Table, dropped: pa.Table,
         _put(fs, folder, name, data)
         files[part] = {"path": name, "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()}
-    record = {"key": key, "files": files, "report": report}
+    record = {"key": key, "files": files, "report": report, "inputs": inputs or {}}
     _put(fs, folder, f"{key}.json", json.dumps(record, sort_keys=True).encode())
 
 
-def load(work_dir: str, key: str) -> Staged | None:
-    """The finished stage under `key`, or None when there is none or it does not check out
-    (then it is redone; a warning names the file)."""
-    fs, folder = _folder(work_dir)
+def _record(fs: fsspec.AbstractFileSystem, folder: str, key: str) -> dict[str, Any] | None:
     record_path = posixpath.join(folder, f"{key}.json")
     try:
         record = json.loads(fs.cat_file(record_path))
@@ -93,6 +93,29 @@ def load(work_dir: str, key: str) -> Staged | None:
         return None
     except (ValueError, UnicodeDecodeError):
         log.warning("%s: not valid JSON; the stage is done again", record_path)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def table_sha256(work_dir: str, key: str) -> str | None:
+    """The sha256 of the table a finished stage kept (from its record), else None."""
+    fs, folder = _folder(work_dir)
+    record = _record(fs, folder, key)
+    return ((record or {}).get("files", {}).get("table") or {}).get("sha256")
+
+
+def load(work_dir: str, key: str, inputs: dict[str, str] | None = None) -> Staged | None:
+    """The finished stage under `key`, or None when there is none or it does not check out
+    (then it is redone; a warning names the file): its files changed, or it was computed
+    from other tables than `inputs` names."""
+    fs, folder = _folder(work_dir)
+    record_path = posixpath.join(folder, f"{key}.json")
+    record = _record(fs, folder, key)
+    if record is None:
+        return None
+    if inputs is not None and record.get("inputs") != inputs:
+        log.warning("%s: computed from other candidates than the ones kept now (they were "
+                    "made again); the stage is done again", record_path)
         return None
     tables = {}
     for part in ("table", "dropped"):

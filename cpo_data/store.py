@@ -115,6 +115,7 @@ def publish_triplets(
     attachments: Callable[[dict, pa.Table, pa.Table], Mapping[str, bytes]] | None = None,
     lock_wait_s: float = 0.0,
     skip_unchanged: bool = True,
+    held: locks.Held | None = None,
 ) -> str:
     """Publish `table` (the triplets schema) as a new immutable version of dataset `name`.
 
@@ -127,7 +128,9 @@ def publish_triplets(
     `__attachments__/` before the manifest and listed in it with the card (`README.md`, which
     the store writes itself). Returns the new version id.
 
-    One writer at a time per dataset (`locks.dataset_lock`, waiting up to `lock_wait_s`).
+    One writer at a time per dataset (`locks.dataset_lock`, waiting up to `lock_wait_s`);
+    `held` is that lock as `dataset_lock` yielded it in another thread of this process, handed
+    over so the publish does not wait on its own holder (it must be this dataset's).
     With `skip_unchanged`, a table whose files equal the newest version's (triplets, dropped,
     conversational, byte for byte) and licence publishes nothing: the newest version's id is
     returned, so a rerun after a kill that came after the publish adds no second copy.
@@ -137,12 +140,14 @@ def publish_triplets(
 
     return publishing.publish_triplets(
         table, uri, name, provenance, dropped, license=license, conversational=conversational,
-        attachments=attachments, lock_wait_s=lock_wait_s, skip_unchanged=skip_unchanged)
+        attachments=attachments, lock_wait_s=lock_wait_s, skip_unchanged=skip_unchanged,
+        held=held)
 
 
 def dataset_lock(uri: str, name: str, *, wait_s: float = 0.0, what: str = "a build"):
     """The one-writer lock of dataset `name` in the store at `uri` (`cpo_data.locks`), as a
-    context manager; `publish_triplets` takes it too (re-entrant within a process)."""
+    context manager yielding its `locks.Held`; `publish_triplets` takes it too (re-entrant
+    within a thread; a publish in another thread is handed the `Held`: `held=`)."""
     fs, root = _filesystem(uri)
     _require_folder(fs, root, uri)
     folder = posixpath.join(root, name)
@@ -186,10 +191,12 @@ def _manifest_path(fs: fsspec.AbstractFileSystem, folder: str) -> str | None:
 def _scan(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[list[dict], list[str]]:
     """Manifests of the complete versions, oldest first, and the version folders that have
     no manifest: on a local disk a version appears with its manifest (it is renamed into
-    place), so such a folder lost it; on an object store it is damaged too unless a live
-    writer is filling it now (`locks.writing_now`), which is then left out."""
+    place), so such a folder lost it; on an object store it is damaged too unless the lock
+    marker names it as filled in place (`locks.unfinished_versions`: a live writer's, or a
+    dead one's that the next writer removes), which is then left out, so 'latest' stays the
+    newest complete version."""
     manifests, missing = [], []
-    writing = locks.writing_now(fs, path)
+    unfinished = locks.unfinished_versions(fs, path)
     for entry in fs.ls(path, detail=False):
         folder = posixpath.basename(entry.rstrip("/"))
         if folder.startswith((".", "_")):
@@ -197,7 +204,7 @@ def _scan(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> tuple[list[dict
         manifest_path = _manifest_path(fs, posixpath.join(path, folder))
         if manifest_path is not None:
             manifests.append(_load_manifest(fs, manifest_path, f"{uri}/{folder}"))
-        elif _VERSION_ID.match(folder) and folder != writing:
+        elif _VERSION_ID.match(folder) and folder not in unfinished:
             missing.append(folder)
     return sorted(manifests, key=lambda m: (m["created_at"], m["version"])), sorted(missing)
 

@@ -38,9 +38,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cpo_data import build
+from cpo_data import build, locks
 from cpo_data.config import BuildConfig, RunnerConfig
 from cpo_data.errors import UserError
+from cpo_data.generate import GenerateReport
+from cpo_data.score import ScoreReport
 
 PUBLISHED_EVENT = "cpo_data.triplets.published"
 
@@ -71,7 +73,8 @@ def generate_shard(shard, config: BuildConfig, key: str, label: str) -> dict:
                           result.table.num_rows, "finished by an earlier run" if reused else
                           f"generated {result.report.generated or '-'}, from cache "
                           f"{result.report.from_cache or '-'}")
-    return {"key": key, "reused": reused, "process": build.process_name()}
+    return {"key": key, "reused": reused, "process": build.process_name(),
+            "report": dataclasses.asdict(result.report)}
 
 
 @task(name="score-shard", cache_policy=NO_CACHE, persist_result=False, retries=2,
@@ -83,12 +86,13 @@ def score_shard(generated: dict, shard, config: BuildConfig, key: str, label: st
                           "finished by an earlier run" if reused else
                           f"scored {result.report.scored or '-'}, from cache "
                           f"{result.report.from_cache or '-'}")
-    return {"key": key, "reused": reused, "process": build.process_name()}
+    return {"key": key, "reused": reused, "process": build.process_name(),
+            "report": dataclasses.asdict(result.report)}
 
 
-@task(name="select-and-publish")
-def select_and_publish(run: build.BuildRun) -> build.BuildSummary:
-    return build.select_and_publish(run)
+@task(name="select-and-publish", cache_policy=NO_CACHE, persist_result=False)
+def select_and_publish(run: build.BuildRun, held: locks.Held) -> build.BuildSummary:
+    return build.select_and_publish(run, held)
 
 
 def artifact_key(name: str, what: str) -> str:
@@ -173,8 +177,8 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
 
         config = load_project(config).need_build()
     # One writer per dataset, from the first step: a second build stops (or waits) here.
-    with build.dataset_lock(config):
-        summary = _build(config, retries)
+    with build.dataset_lock(config) as held:
+        summary = _build(config, retries, held)
     logger = get_run_logger()
     if summary.unchanged:
         logger.info("unchanged: the triplets equal version %s of %s; nothing published",
@@ -188,7 +192,7 @@ def build_triplets(config: str | BuildConfig, retries: int | None = None) -> dic
     return dataclasses.asdict(summary)
 
 
-def _build(config: BuildConfig, retries: int | None) -> build.BuildSummary:
+def _build(config: BuildConfig, retries: int | None, held: locks.Held) -> build.BuildSummary:
     logger = get_run_logger()
     run = build.start_build(config)
     config = run.config
@@ -200,8 +204,8 @@ def _build(config: BuildConfig, retries: int | None) -> build.BuildSummary:
     generate_task = generate_shard.with_options(**options)
     score_task = score_shard.with_options(**options)
 
-    shards = [(shard, *build.shard_keys(run, shard), f"shard {number}/{len(run.shards)}")
-              for number, shard in enumerate(run.shards, 1)]
+    shards = [(shard, *keys, f"shard {number}/{len(run.shards)}")
+              for number, (shard, keys) in enumerate(zip(run.shards, run.keys, strict=True), 1)]
     # The shards go to the runner the config names; the flow's own runs nothing else. Every
     # result is read before that runner closes: a Dask future needs its cluster.
     with open_shard_runner(config.runner) as runner:
@@ -220,15 +224,13 @@ def _build(config: BuildConfig, retries: int | None) -> build.BuildSummary:
             "label": label}) for generated, (shard, _, score_key, label) in zip(
                 generating, shards, strict=True)]
         scored_results = [future.result() for future in scoring]
-    # A stage an earlier run finished is not counted again.
-    for (shard, generate_key, score_key, _), generated, scored_meta in zip(
-            shards, generated_results, scored_results, strict=True):
-        scored, _ = build.staged_score(shard, config, score_key, generate_key)
-        build.add_shard(run, build.staged_candidates(config, generate_key), scored,
-                        generated_now=not generated["reused"],
-                        scored_now=not scored_meta["reused"],
-                        generated_on=generated.get("process"),
-                        scored_on=scored_meta.get("process"))
+    # A stage an earlier run finished is not counted again. The results are reports only:
+    # the shards' tables stay in work_dir/shards until selection reads them one by one.
+    for generated, scored in zip(generated_results, scored_results, strict=True):
+        build.add_shard(run, GenerateReport(**generated["report"]),
+                        ScoreReport(**scored["report"]), generated_now=not generated["reused"],
+                        scored_now=not scored["reused"], generated_on=generated.get("process"),
+                        scored_on=scored.get("process"))
     summary = run.summary
     if config.runner.kind == "dask":
         logger.info("shard tasks ran in %d worker process(es): %s", len(summary.workers),
@@ -236,4 +238,4 @@ def _build(config: BuildConfig, retries: int | None) -> build.BuildSummary:
     logger.info("generated %s, scored %s; %d of %d shards reused from an earlier run",
                 summary.generated or "nothing", summary.scored or "nothing",
                 summary.shards_reused, len(run.shards))
-    return select_and_publish(run)
+    return select_and_publish(run, held)  # in a task thread: the lock is handed over

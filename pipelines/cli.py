@@ -93,9 +93,10 @@ def _prefect_server():
 
 
 class _DyingWithParent:
-    """Prefect's server module's `subprocess`, with every Popen tied to this process's life:
-    a parent-death signal (SIGTERM: uvicorn then shuts down cleanly) reaches the temporary
-    server when this process dies, SIGKILL included, where otherwise it would run on."""
+    """Prefect's server module's `subprocess`, with every Popen of a command list tied to this
+    process's life (`leftovers.dying_with_parent`): a parent-death signal (SIGTERM: uvicorn
+    then shuts down cleanly) reaches the temporary server when this process dies, SIGKILL
+    included, where otherwise it would run on."""
 
     def __init__(self, real) -> None:  # noqa: ANN001 - the subprocess module
         self._real = real
@@ -103,13 +104,18 @@ class _DyingWithParent:
     def __getattr__(self, name: str):  # noqa: ANN204 - whatever subprocess has
         return getattr(self._real, name)
 
-    def Popen(self, *args, **kwargs):  # noqa: N802, ANN002, ANN003, ANN201 - subprocess's API
+    def Popen(self, args, *rest, **kwargs):  # noqa: N802, ANN001, ANN002, ANN003, ANN201
+        """subprocess.Popen, its command behind `dying_with_parent`."""
         import signal
 
-        from cpo_data.leftovers import parent_death_signal
+        from cpo_data.leftovers import dying_with_parent
 
-        kwargs.setdefault("preexec_fn", parent_death_signal(signal.SIGTERM))
-        return self._real.Popen(*args, **kwargs)
+        # `args` by name too: Prefect passes `args=[...]`. A shell string, or a program named
+        # by `executable=`, cannot be put behind the wrapper; Prefect uses neither.
+        if (isinstance(args, list | tuple) and not kwargs.get("shell")
+                and kwargs.get("executable") is None):
+            args = dying_with_parent(list(args), signal.SIGTERM)
+        return self._real.Popen(args, *rest, **kwargs)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from cpo_data import build, store
+from cpo_data import build, staging, store
 from cpo_data.config import ConfigError, load_config
 from tests.test_build_flow import DEMO_ROWS, write_config
 
@@ -124,3 +124,26 @@ def test_ingestion_drops_reach_the_published_version(tmp_path):
     assert summary.dropped["empty_system_output"] == 1
     manifest = store.read_manifest(str(tmp_path / "store"), name="flowtest")
     assert manifest["dropped_per_reason"]["empty_system_output"] == 1
+
+
+def test_scores_kept_for_other_candidates_are_not_reused(tmp_path):
+    """A shard's staged scores belong to the candidates they were computed on: when its
+    generation stage holds other candidates now (made again after damage, a sampled model
+    drawing anew), scoring runs again instead of pairing old scores with new texts."""
+    path = write_config(tmp_path, MODELS, DEMO_ROWS[:8], generate={},
+                        score={"scorers": [{"name": "chrf", "kind": "chrf"}]},
+                        select={"use_human_labels": False})
+    config = build.with_work_dir(load_config(path))
+    first = build.run_build(config)
+    assert first.scored == {"chrf": 16}
+    run = build.start_build(config)
+    generate_key = run.keys[0][0]
+    kept = staging.load(config.work_dir, generate_key)
+    texts = kept.table.column("text").to_pylist()
+    changed = kept.table.set_column(kept.table.schema.get_field_index("text"), "text",
+                                    pa.array([f"{text} (drawn again)" for text in texts]))
+    staging.save(config.work_dir, generate_key, changed, kept.dropped, kept.report)
+    again = build.run_build(config)
+    assert again.scored == {"chrf": 16} and again.shards_reused == 0
+    frame = store.read_triplets(str(tmp_path / "store"), name="flowtest")
+    assert all(text.endswith("(drawn again)") for text in frame["chosen"])

@@ -170,7 +170,8 @@ def test_attachments_are_written_before_the_manifest_and_listed_with_the_card(tm
     seen = {}
 
     def hook(manifest, triplets, dropped):
-        seen.update(manifest=manifest, triplets=triplets.num_rows, dropped=dropped.num_rows)
+        seen.update(manifest=manifest, triplets=triplets.read().num_rows,
+                    dropped=sum(b.num_rows for b in dropped.batches(["reason"], 1)))
         manifest["rows"] = -1  # a hook cannot change what is written
         return {"report.html": b"<p>report</p>", "notes.txt": bytearray(b"n")}
 

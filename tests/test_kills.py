@@ -1,5 +1,6 @@
 """A `cpo-data train` killed outright (SIGKILL) leaves no process behind: the Prefect server
-it started gets a parent-death signal. (The build's kill test is in test_build_flow.py.)"""
+it started gets a parent-death signal. (The build's kill test is in test_build_flow.py; the
+signal itself is tested in test_leftovers.py.)"""
 
 from __future__ import annotations
 
@@ -8,18 +9,42 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from cpo_data import store
+from cpo_data import leftovers, store
 from cpo_data.testing import build_tiny_causal_lm, sample_triplets
 from pipelines.demo import REPO_ROOT
 from tests.conftest import processes_with_env
 
-pytestmark = pytest.mark.slow
+
+def test_prefects_server_command_is_put_behind_dying_with_parent():
+    """Prefect starts its server as `subprocess.Popen(args=[...], env=...)`: by name."""
+    from pipelines.cli import _DyingWithParent
+
+    calls = []
+
+    class Subprocess:
+        DEVNULL = subprocess.DEVNULL
+
+        def Popen(self, *args, **kwargs):  # noqa: N802 - subprocess's name
+            calls.append((args, kwargs))
+            return "started"
+
+    shim = _DyingWithParent(Subprocess())
+    command = [sys.executable, "-m", "uvicorn", "--port", "1234"]
+    assert shim.Popen(args=command, env={"A": "1"}) == "started"
+    assert calls[-1] == ((leftovers.dying_with_parent(command),), {"env": {"A": "1"}})
+    shim.Popen(command)
+    assert calls[-1] == ((leftovers.dying_with_parent(command),), {})
+    shim.Popen("echo hi", shell=True)  # a shell line cannot be wrapped: left as it is
+    assert calls[-1] == (("echo hi",), {"shell": True})
+    assert shim.DEVNULL == subprocess.DEVNULL  # the rest of subprocess, unchanged
 
 
+@pytest.mark.slow
 def test_a_killed_train_leaves_no_process(tmp_path):
     model = build_tiny_causal_lm(tmp_path / "llama")
     store.publish_triplets(sample_triplets(rows_per_pair=5), str(tmp_path / "store"), "mt")

@@ -303,8 +303,8 @@ def test_a_set_min_margin_shows_both_lines():
     assert (floor, noise) == (0.0, 0.0124)
     assert text == ("Pairs needed a margin of at least 0 (select.min_margin: 0, overriding the "
                     "noise threshold of chrf (0.0124)).")
-    rows = sample_triplets(rows_per_pair=3).to_pylist()
-    chart = report.margin_chart(rows, floor, noise, "chrf", "x")
+    margins = sample_triplets(rows_per_pair=3).column("margin").to_pylist()
+    chart = report.margin_chart(margins, floor, noise, "chrf", "x")
     assert 'id="x-noise-threshold"' in chart and 'id="x-noise-threshold-published"' in chart
 
 
@@ -434,3 +434,43 @@ def test_the_demo_report_opens_cleanly_in_chromium(tmp_path, chromium):
     pairs = len(result.lang_pairs)
     assert page["sections"] == 1 + pairs and page["svgs"] == 2 * pairs
     assert page["text"] > 2000
+
+
+def tied_triplets(seed: int) -> pa.Table:
+    """Triplets of three pairs whose margins repeat (ties at the picks' ranks), some without
+    a margin, in a shuffled order: one pair with more margins than the sample takes, one
+    with fewer (its unscored rows fill the sample up), one with none at all."""
+    import random
+
+    rng = random.Random(seed)
+    rows = sample_triplets(rows_per_pair=40, pairs=("de-en", "en-de", "cs-en"), seed=seed)
+    rows = rows.to_pylist()
+    for row in rows:
+        if row["lang_pair"] == "de-en":
+            row["margin"] = rng.choice([0.1, 0.2, 0.2, 0.3, None])
+        elif row["lang_pair"] == "en-de":
+            row["margin"] = rng.choice([0.5, None, None, None, None, None, None, None, None])
+        else:
+            row["margin"] = None
+        if row["margin"] is None:
+            row["chosen_score"] = row["rejected_score"] = None
+            row["chosen_scores"] = row["rejected_scores"] = []
+    rng.shuffle(rows)
+    return pa.Table.from_pylist(rows, schema=schema.TRIPLETS)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_page_read_in_batches_equals_the_page_read_whole(seed):
+    """The page is gathered batch by batch (so it costs memory per batch, not per version):
+    every batch size gives the page of the whole table in one batch, and the second pass
+    picks the sample `sample` picks from all of a pair's rows, ties and unscored rows too."""
+    table = tied_triplets(seed)
+    dropped = labelled_dropped(table)
+    whole = report.render_report(manifest(), table, dropped, batch_rows=table.num_rows)
+    for batch_rows in (1, 7, 64):
+        assert report.render_report(manifest(), table, dropped, batch_rows=batch_rows) == whole
+    facts = report.gather(table, dropped, batch_rows=5)
+    rows = table.to_pylist()
+    for pair, picked in report.samples(table, facts, batch_rows=5).items():
+        expected = report.sample([r for r in rows if r["lang_pair"] == pair])
+        assert [r["id"] for r in picked] == [r["id"] for r in expected] and len(picked) == 5

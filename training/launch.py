@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from cpo_data.leftovers import parent_death_signal
+from cpo_data.leftovers import dying_with_parent
 from cpo_data.project import resolve_paths
 from training.config import TrainConfig
 from training.errors import TrainingError
@@ -83,8 +83,8 @@ def train_launched(config: TrainConfig, version: str,
     # Killed outright (SIGKILL), this process runs no cleanup: the kernel sends torchrun
     # SIGTERM instead, which it passes on to its workers. This thread waits for torchrun, so
     # the signal (tied to the thread that started the child) cannot fire early.
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, preexec_fn=parent_death_signal(signal.SIGTERM)) as process:
+    with subprocess.Popen(dying_with_parent(command, signal.SIGTERM), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as process:
         try:
             for line in process.stdout:
                 line = line.rstrip()
