@@ -19,8 +19,10 @@ Imported only when a config asks for Dask: importing distributed costs about a s
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -112,6 +114,31 @@ def check_scheduler(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                 "per GPU") from None
 
 
+def is_loopback_url(url: str) -> bool:
+    """Whether `url`'s host is this machine only (localhost, 127.0.0.0/8, ::1)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: nothing here says where it points
+        return False
+
+
+def warn_if_workers_cannot_reach(config: RunnerConfig, url: str) -> None:
+    """Warn when the workers of a running cluster are given a loopback Prefect API: on their
+    machines that address is not this one, so their task runs could not report to it.
+
+    Checked whatever set the URL: the CLI sets PREFECT_API_URL to a temporary server on
+    127.0.0.1 when the user set none, so "PREFECT_API_URL is unset" no longer says it."""
+    if config.address and is_loopback_url(url):
+        log.warning("runner.address: the Dask workers at %s are given the Prefect API %s, a "
+                    "loopback address that workers on other machines cannot reach; set "
+                    "PREFECT_API_URL to a Prefect server they reach (e.g. `prefect server "
+                    "start --host 0.0.0.0` here, then http://<this host>:4200/api)",
+                    config.address, url)
+
+
 @contextlib.contextmanager
 def _api_for_workers(config: RunnerConfig) -> Iterator[None]:
     """Send the flow's Prefect API address with each task.
@@ -123,15 +150,9 @@ def _api_for_workers(config: RunnerConfig) -> Iterator[None]:
     from prefect.context import get_run_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value():
-        yield
-        return
-    url = str(get_run_context().client.api_url)
-    if config.address:
-        log.warning("PREFECT_API_URL is not set: the workers at %s are pointed at this "
-                    "build's temporary Prefect server (%s), which only this machine reaches; "
-                    "for workers on other machines run `prefect server start --host 0.0.0.0` "
-                    "and set PREFECT_API_URL", config.address, url)
+    # Set again when already set: a no-op, and one path for both cases.
+    url = PREFECT_API_URL.value() or str(get_run_context().client.api_url)
+    warn_if_workers_cannot_reach(config, url)
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
 

@@ -170,6 +170,58 @@ def test_a_checkpoint_of_the_older_format_resumes_without_its_rng_state(tmp_path
     assert scheduler.last_epoch == 3
 
 
+# ---- a damaged file is named, not a traceback ------------------------------------------------
+
+def cut_short(path: pathlib.Path, keep: float) -> None:
+    """Keep the first `keep` of `path`'s bytes, as a full disk or an interrupted copy does."""
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+# Half a torch zip: RuntimeError from its reader; empty: EOFError from the unpickler.
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+@pytest.mark.parametrize(("name", "what"), [("optimizer.pt", "optimizer state"),
+                                            ("scheduler.pt", "scheduler state")])
+def test_a_damaged_optimizer_or_scheduler_file_stops_the_resume_naming_it(tmp_path, name,
+                                                                         what, keep):
+    folder = save(tmp_path / "run", *trained_optimizer())
+    cut_short(folder / name, keep)
+    optimizer, scheduler = fresh_optimizer()
+    with pytest.raises(TrainingError, match=rf"{re.escape(str(folder / name))}: cannot read "
+                       rf"the {what}: the file is damaged or cut short .*Delete .*checkpoint-3 "
+                       r"to resume from an earlier checkpoint, or set "
+                       r"train\.checkpoints\.resume: false"):
+        ckpt.load_training_state(folder, optimizer, scheduler)
+    assert optimizer.state_dict()["state"] == {}  # nothing was half restored
+    assert scheduler.last_epoch == 0
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_a_damaged_rng_file_is_warned_about_and_the_resume_goes_on(tmp_path, caplog, keep):
+    saved_optimizer, saved_scheduler = trained_optimizer()
+    folder = save(tmp_path / "run", saved_optimizer, saved_scheduler)
+    cut_short(folder / "rng_state.pt", keep)
+    seed_with_cached_normals(7)
+    untouched = draws()
+    seed_with_cached_normals(7)
+    optimizer, scheduler = fresh_optimizer()
+    ckpt.load_training_state(folder, optimizer, scheduler)
+    (warning,) = rng_warnings(caplog)
+    assert f"{folder / 'rng_state.pt'}: resuming without the saved random-number state" in warning
+    assert "damaged or cut short" in warning
+    assert draws() == untouched  # the generators were left as they were
+    assert scheduler.state_dict() == saved_scheduler.state_dict()  # the rest was restored
+
+
+def test_a_readable_rng_file_of_another_layout_is_not_called_damaged(tmp_path, caplog):
+    """Reading and converting raise some of the same types; the warning tells which failed."""
+    folder = save(tmp_path / "run", *trained_optimizer())
+    torch.save({"format": 1}, folder / "rng_state.pt")
+    ckpt.load_training_state(folder, *fresh_optimizer())
+    (warning,) = rng_warnings(caplog)
+    assert "its layout is not this version's" in warning
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A real run folder: two steps of a tiny Llama with a LoRA adapter, checkpoint-2 last."""

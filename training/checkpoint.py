@@ -21,11 +21,14 @@ when a checkpoint lacks its RNG file. That state only decides dropout draws; the
 optimizer and scheduler (all loadable) are what a resume needs, so refusing would throw away a
 long run for a reproducibility detail. An optimizer or scheduler file that the guard refuses was
 not written by `save_checkpoint` at all, and training on without it would be wrong: that stops
-with an error naming the file.
+with an error naming the file. So does one that is damaged (cut short by a full disk or an
+interrupted copy: `save_checkpoint` itself never leaves one), while a damaged RNG file, like a
+missing one, only costs the random-number state.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pickle
@@ -47,6 +50,12 @@ STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # In the RNG file, so a file of another layout is told apart from a damaged one of this.
 _RNG_FORMAT = 2
+# What torch.load raises on a file that is cut short or garbled rather than refused: the zip
+# reader's RuntimeError, EOFError, and KeyError/IndexError/ValueError from the unpickler
+# reading bytes that are no pickle (all seen with torch 2.13 on truncated and garbage files).
+# Also OSError EINVAL, from the zip reader seeking past the end of a cut file (most cut points
+# of an RNG file); other OSErrors (missing, unreadable) are not damage and keep their own error.
+_DAMAGED = (RuntimeError, EOFError, KeyError, IndexError, ValueError)
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -174,10 +183,27 @@ def save_rng_state(path: Path, state: dict[str, Any]) -> None:
     torch.save(_to_saved_rng(state), path)
 
 
-def _load_safely(path: Path, what: str, checkpoint: Path) -> Any:
-    """`path` read with `weights_only=True`; a file the guard refuses stops the resume."""
+class _DamagedFile(Exception):
+    """A checkpoint file torch cannot read because it is cut short or garbled."""
+
+
+def _torch_load(path: Path) -> Any:
+    """`path` read with `weights_only=True`; damage of any kind comes out as _DamagedFile."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
+    except _DAMAGED as error:
+        raise _DamagedFile(_first_line(error)) from None
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        raise _DamagedFile(_first_line(error)) from None
+
+
+def _load_safely(path: Path, what: str, checkpoint: Path) -> Any:
+    """`path` read with `weights_only=True`; a file the guard refuses, or a damaged one, stops
+    the resume."""
+    try:
+        return _torch_load(path)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise TrainingError(
@@ -185,20 +211,43 @@ def _load_safely(path: Path, what: str, checkpoint: Path) -> Any:
             f"and plain values, so save_checkpoint did not write it ({reason}). Delete "
             f"{checkpoint} to resume from an earlier checkpoint, or set "
             "train.checkpoints.resume: false to start over") from None
+    except _DamagedFile as error:
+        raise TrainingError(
+            f"{path}: cannot read the {what}: the file is damaged or cut short "
+            f"({error}). Delete {checkpoint} to resume from an earlier "
+            "checkpoint, or set train.checkpoints.resume: false to start over") from None
+
+
+def _first_line(error: BaseException) -> str:
+    # torch's zip-reader messages run to several lines of advice about torch.load itself.
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _read_rng_file(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The state in `path` and "", or None and why it cannot be had. Reading and converting
+    are tried apart, so a file torch cannot read is told apart from a readable one of another
+    layout (the two raise some of the same types)."""
+    try:
+        saved = _torch_load(path)
+    except pickle.UnpicklingError:
+        return None, ("it is a full pickle (written by an older cpo-data, or not by cpo-data) "
+                      "and is not unpickled, as that could run code")
+    except _DamagedFile as error:
+        return None, f"it is damaged or cut short ({error})"
+    try:
+        return _from_saved_rng(saved), ""
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        return None, f"its layout is not this version's ({error})"
 
 
 def load_rng_state(path: Path) -> dict[str, Any] | None:
     """The random-number state saved in `path`, or None (with one warning) when there is none
-    this version can read without unpickling arbitrary objects."""
-    why = "it is missing"
-    if path.exists():
-        try:
-            return _from_saved_rng(torch.load(path, weights_only=True, map_location="cpu"))
-        except pickle.UnpicklingError:
-            why = ("it is a full pickle (written by an older cpo-data, or not by cpo-data) and "
-                   "is not unpickled, as that could run code")
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            why = f"its layout is not this version's ({error})"
+    this version can read without unpickling arbitrary objects, or the file is damaged: the
+    weights, optimizer and schedule are what a resume needs (module docstring)."""
+    state, why = _read_rng_file(path) if path.exists() else (None, "it is missing")
+    if state is not None:
+        return state
     log.warning("%s: resuming without the saved random-number state because %s; the run goes "
                 "on from the checkpoint's weights, optimizer and schedule, but its dropout draws "
                 "will differ from an uninterrupted run's", path, why)
