@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,10 +29,8 @@ from cpo_data.config import BuildConfig, ConfigError
 from cpo_data.fingerprint import generator_weights, scorer_weights
 from cpo_data.generate import (
     Candidates,
-    GenerateError,
     GenerateReport,
     generate_candidates,
-    provided_systems,
 )
 from cpo_data.identity import generator_identity, scorer_identity
 from cpo_data.report import REPORT_FILE
@@ -46,31 +45,37 @@ def _missing_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
 
 
-def check_build(config: BuildConfig, table: pa.Table) -> None:
-    """Refuse a build that cannot work, before any model loads; errors name the config key."""
+def check_build(config: BuildConfig, scan: sources.Scan) -> None:
+    """Refuse a build that cannot work, before any model loads; errors name the config key.
+    `scan`: what the first read of the sources found (`sources.scan_sources`)."""
     for i, model in enumerate(config.generate.models):
         if _missing_local(model.model):
             raise ConfigError(f"generate.models[{i}].model: {model.model} does not exist")
     for i, scorer in enumerate(config.score.scorers):
         if scorer.model and _missing_local(scorer.model):
             raise ConfigError(f"score.scorers[{i}].model: {scorer.model} does not exist")
-        if scorer.needs_reference and table.num_rows and table.column("ref").null_count == len(
-                table):
+        if scorer.needs_reference and scan.report.rows_read and not scan.has_reference:
             what = "use_reference is set" if scorer.kind == "comet" else f"{scorer.kind} needs one"
             raise ConfigError(f"score.scorers[{i}] ({scorer.name}): {what}, and no source has a "
                               "reference (map sources[].ref_column, or use a reference-free "
                               "scorer)")
-    try:
-        provided_systems(table, config.generate)
-    except GenerateError as error:
-        raise ConfigError(f"generate.{error}") from None
+    wanted = config.generate.provided_systems
+    unknown = set(wanted or ()) - scan.systems
+    if unknown and scan.report.rows_read:
+        raise ConfigError(f"generate.provided_systems: {sorted(unknown)} not in the sources "
+                          f"(they have {sorted(scan.systems)})")
 
 
-def load_build_sources(config: BuildConfig) -> sources.Sources:
-    """The sources of a build; a missing file is named by its config key."""
+def _check_source_paths(config: BuildConfig) -> None:
+    """A missing source file is named by its config key."""
     for i, source in enumerate(config.sources):
         if "://" not in source.path and not Path(source.path).expanduser().exists():
             raise ConfigError(f"sources[{i}].path: {source.path} does not exist")
+
+
+def load_build_sources(config: BuildConfig) -> sources.Sources:
+    """The sources of a build as one table (a build itself reads them in parts)."""
+    _check_source_paths(config)
     return sources.load_sources(config.sources)
 
 
@@ -83,12 +88,6 @@ def with_work_dir(config: BuildConfig) -> BuildConfig:
     if score.cache_dir is None:
         score = dataclasses.replace(score, cache_dir=f"{work}/cache")
     return dataclasses.replace(config, generate=generate, score=score)
-
-
-def shards(table: pa.Table, size: int) -> list[pa.Table]:
-    """Consecutive slices in source order: appending sources leaves earlier shards unchanged,
-    so their finished work is reused."""
-    return [table.slice(start, size) for start in range(0, table.num_rows, size)] or [table]
 
 
 def _digest(value: Any) -> str:
@@ -140,7 +139,7 @@ def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:
 
     with loaded.in_use:
         generators = [loaded.LazyGenerator(m) for m in config.generate.models]
-        return generate_candidates(shard, config.generate, generators)
+        return generate_candidates(shard, config.generate, generators, check_systems=False)
 
 
 def score_shard(candidates: pa.Table, shard: pa.Table, config: BuildConfig) -> Scores:
@@ -248,48 +247,116 @@ class BuildSummary:
     own, or each Dask worker's. Work an earlier run left is not counted."""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a build, by reference: its sources are kept in `work_dir/shards` under
+    `sources_key` (`staging`), so tasks and the flow pass keys, never tables."""
+
+    sources_key: str
+    rows: int
+    generate_key: str
+    score_key: str
+
+
+@dataclass
+class Ingested:
+    """What reading the sources left for selection and the provenance, none of it per row but
+    the ids' 8-byte digests."""
+
+    report: sources.SourcesReport
+    ids: Any
+    """The sources' id digests, sorted (`sources.Scan.ids`): the "new since" count."""
+    dropped: pa.Table
+    """Sources lost merging duplicates (`conflicting_duplicate`); each shard keeps its own
+    empty outputs."""
+    fingerprint: str
+    context: guards.Context
+    """The guards' context, learned over every shard."""
+
+
 @dataclass
 class BuildRun:
-    """One build in progress: its config, sources and shards, and what the shards gave."""
+    """One build in progress: its config, its shards (kept in `work_dir/shards`), and what
+    the shards gave."""
 
     config: BuildConfig
-    loaded: sources.Sources
-    shards: list[pa.Table]
+    ingested: Ingested
+    shards: list[Shard]
     weights: dict[str, list[str]]
     """Weight fingerprints per stage (generate, score), for the provenance."""
     inputs: dict[str, Any]
     """What decides each stage's outputs (`stage_inputs`): in the shard keys."""
     summary: BuildSummary
-    keys: list[tuple[str, str]] = field(default_factory=list)
-    """Each shard's generation and scoring keys (`shard_keys`), where its stages are kept."""
+
+
+def sources_key(part: sources.Part) -> str:
+    """Content key of one part of the sources: its rows, carried scores and drops."""
+    return "sources-" + _digest([schema.SCHEMA_VERSION, str(schema.SOURCES), __version__,
+                                 part.table.to_pylist(), part.scores.to_pylist(),
+                                 part.dropped.to_pylist()])[:40]
+
+
+def _stage_part(config: BuildConfig, part: sources.Part) -> str:
+    key = sources_key(part)
+    if staging.load(config.work_dir, key) is None:  # an earlier build may have kept it
+        staging.save(config.work_dir, key, part.table, part.dropped, {}, scores=part.scores)
+    return key
+
+
+def shard_sources(config: BuildConfig, shard: Shard) -> staging.Staged:
+    """A shard's sources (`table`), carried scores (`scores`) and ingestion drops (`dropped`)."""
+    found = staging.load(config.work_dir, shard.sources_key)
+    if found is None:
+        raise RuntimeError(f"{staging.staged_dir(config.work_dir)}/{shard.sources_key}: the "
+                           "shard's sources are gone since the build read them")
+    return found
+
+
+def shard_table(config: BuildConfig, shard: Shard) -> pa.Table:
+    return shard_sources(config, shard).table
 
 
 def start_build(config: BuildConfig) -> BuildRun:
-    """Everything before the first model loads: caches under work_dir, sources, checks, shards."""
+    """Everything before the first model loads: caches under work_dir, the sources read in
+    shards into `work_dir/shards` (a first read checks every row and the config against them;
+    nothing is written before it passes), and the shards' keys."""
     config = with_work_dir(config)
     staging.sweep(config.work_dir)  # what a killed build left half-written
-    loaded = load_build_sources(config)
-    check_build(config, loaded.table)
-    parts = shards(loaded.table, config.shard_size)
-    report = loaded.report
+    _check_source_paths(config)
+    scan = sources.scan_sources(config.sources)
+    check_build(config, scan)
+    inputs = stage_inputs(config)
+    merged, conflicts = sources.merge_repeated(scan)
+    context = guards.ContextBuilder(config.guards)
+    fingerprint = hashlib.sha256()
+    parts = []
+    for part in sources.read_parts(scan, merged, config.shard_size):
+        context.add(part.table)
+        sources.add_to_fingerprint(fingerprint, part.table)
+        generate_key, score_key = _stage_keys(inputs, part.table)
+        parts.append(Shard(_stage_part(config, part), part.table.num_rows, generate_key,
+                           score_key))
+    report = scan.report
     summary = BuildSummary(dataset_uri=store.dataset_uri(config.publish.uri, config.publish.name),
-                           version="", triplets=0, sources=loaded.table.num_rows,
+                           version="", triplets=0, sources=report.sources,
                            shards=len(parts), ingestion={
                                "rows_read": report.rows_read, "sources": report.sources,
                                "duplicates_collapsed": report.duplicates_collapsed,
                                "empty_system_outputs": report.empty_system_outputs})
     weights = {stage: model_fingerprints(config, stage) for stage in ("generate", "score")}
-    run = BuildRun(config, loaded, parts, weights, stage_inputs(config), summary)
-    run.keys = [shard_keys(run, shard) for shard in parts]
-    return run
+    ingested = Ingested(report, scan.ids, conflicts, fingerprint.hexdigest(), context.context())
+    return BuildRun(config, ingested, parts, weights, inputs, summary)
+
+
+def _stage_keys(inputs: dict[str, Any], table: pa.Table) -> tuple[str, str]:
+    return (shard_key("generate", table, [inputs["generate"]]),
+            shard_key("score", table, [inputs["generate"], inputs["score"]]))
 
 
 def shard_keys(run: BuildRun, shard: pa.Table) -> tuple[str, str]:
-    """The generation and scoring keys of one shard. The score key covers what generation
-    depends on too: the candidates are its input."""
-    inputs = run.inputs
-    return (shard_key("generate", shard, [inputs["generate"]]),
-            shard_key("score", shard, [inputs["generate"], inputs["score"]]))
+    """The generation and scoring keys of one shard's sources. The score key covers what
+    generation depends on too: the candidates are its input."""
+    return _stage_keys(run.inputs, shard)
 
 
 def _add(total: dict[str, int], counts: dict[str, int]) -> None:
@@ -351,17 +418,19 @@ class _Running:
 
 
 def _compare_with_previous(summary: BuildSummary, run: BuildRun) -> None:
-    """How many of this build's sources are new since the dataset's newest version."""
-    ids = set(run.loaded.table.column("source_id").to_pylist())
+    """How many of this build's sources are new since the dataset's newest version (by the
+    ids' digests: 8 bytes a source, on both sides)."""
+    ids = run.ingested.ids
     try:
         previous = store.read_manifest(summary.dataset_uri)["version"]
     except store.StoreError:  # a first build: no dataset or no version yet
         summary.sources_new = len(ids)
         return
-    before = store.read_source_ids(summary.dataset_uri, previous)
+    before = store.read_source_digests(summary.dataset_uri, previous)
     summary.previous_version = previous
-    summary.sources_new = len(ids - before)
-    summary.sources_reused = len(ids & before)
+    reused = int(np.isin(ids, before, assume_unique=True).sum())
+    summary.sources_new = len(ids) - reused
+    summary.sources_reused = reused
 
 
 def _scores_for_selection(config: BuildConfig, carried: pa.Table,
@@ -373,14 +442,6 @@ def _scores_for_selection(config: BuildConfig, carried: pa.Table,
         carried = carried.filter(pc.invert(pc.is_in(carried["scorer"], pa.array(names))))
     tables = [t for t in (carried, *computed) if t.num_rows]
     return pa.concat_tables(tables) if tables else None
-
-
-def _shard_scores(config: BuildConfig, carried: pa.Table, shard: pa.Table,
-                  computed: pa.Table) -> pa.Table | None:
-    """A shard's scores for selection: its stage's, and the carried ones of its sources."""
-    if carried.num_rows:
-        carried = carried.filter(pc.is_in(carried["source_id"], shard.column("source_id")))
-    return _scores_for_selection(config, carried, [computed])
 
 
 @dataclass
@@ -419,23 +480,26 @@ class _Tally:
             self.scores.setdefault(name, _Running()).add(values)
 
 
-def _select_shard(run: BuildRun, context: guards.Context, shard: pa.Table, keys: tuple[str, str],
-                  tally: _Tally) -> tuple[pa.Table, pa.Table]:
+def _select_shard(run: BuildRun, shard: Shard, tally: _Tally) -> tuple[pa.Table, pa.Table]:
     """One shard's triplets and dropped rows, from its kept stages; counted into `tally`."""
     config = run.config
-    candidates = staged_candidates(config, keys[0])
-    found = staging.load(config.work_dir, keys[1],
-                         {"candidates": staging.table_sha256(config.work_dir, keys[0]) or ""})
+    kept = shard_sources(config, shard)
+    candidates = staged_candidates(config, shard.generate_key)
+    found = staging.load(config.work_dir, shard.score_key,
+                         {"candidates": staging.table_sha256(config.work_dir,
+                                                             shard.generate_key) or ""})
     if found is None:
-        raise RuntimeError(f"{staging.staged_dir(config.work_dir)}/{keys[1]}: the shard's "
-                           "scores are gone since its scoring finished")
-    scores = _shard_scores(config, run.loaded.scores, shard, found.table)
-    vetoes = guards.check_candidates(shard, candidates.table, config.guards,
-                                     config.generate.reference_name, scores, context)
-    selection = select.select_triplets(shard, candidates.table, scores, config.selection,
+        raise RuntimeError(f"{staging.staged_dir(config.work_dir)}/{shard.score_key}: the "
+                           "shard's scores are gone since its scoring finished")
+    carried = kept.scores if kept.scores is not None else schema.empty(schema.SCORES)
+    scores = _scores_for_selection(config, carried, [found.table])
+    vetoes = guards.check_candidates(kept.table, candidates.table, config.guards,
+                                     config.generate.reference_name, scores,
+                                     run.ingested.context)
+    selection = select.select_triplets(kept.table, candidates.table, scores, config.selection,
                                        vetoes.by_candidate)
-    dropped = pa.concat_tables([candidates.dropped, found.dropped, vetoes.dropped.table(),
-                                selection.dropped])
+    dropped = pa.concat_tables([kept.dropped, candidates.dropped, found.dropped,
+                                vetoes.dropped.table(), selection.dropped])
     tally.candidates += candidates.table.num_rows
     tally.dropped.update(dropped.column("reason").to_pylist())
     tally.vetoed.update(vetoes.dropped.counts())
@@ -455,22 +519,22 @@ def select_and_publish(run: BuildRun, held: locks.Held | None = None) -> BuildSu
     holds it in another thread (the flow's publish runs in a task's thread)."""
     config, summary = run.config, run.summary
     rules, publish = config.selection, config.publish
-    context = guards.dataset_context(run.loaded.table, config.guards)
+    context, conflicts = run.ingested.context, run.ingested.dropped
     _compare_with_previous(summary, run)
     tally = _Tally()
-    tally.dropped.update(run.loaded.dropped.column("reason").to_pylist())
+    tally.dropped.update(conflicts.column("reason").to_pylist())
     with publishing.VersionWriter(publish.uri, publish.name, license=publish.license,
                                   conversational=publish.conversational,
                                   lock_wait_s=publish.lock_wait_s, held=held) as writer:
-        writer.add(schema.empty(schema.TRIPLETS), run.loaded.dropped)  # ingestion's drops
-        for shard, keys in zip(run.shards, run.keys, strict=True):
-            writer.add(*_select_shard(run, context, shard, keys, tally))
+        writer.add(schema.empty(schema.TRIPLETS), conflicts)  # merging duplicates' drops
+        for shard in run.shards:
+            writer.add(*_select_shard(run, shard, tally))
         report = tally.report
         provenance = {
             "cpo_data_version": __version__,
             "config": dataclasses.asdict(config),
-            "source_files": run.loaded.report.files,
-            "source_fingerprint": sources.fingerprint(run.loaded.table),
+            "source_files": run.ingested.report.files,
+            "source_fingerprint": run.ingested.fingerprint,
             "rank_by": config.rank_by,
             "generators": run.weights["generate"],
             "scorers": run.weights["score"],
@@ -524,20 +588,21 @@ def run_build(config: BuildConfig, progress: Callable[[str], None] = log.info) -
 def _run_build(config: BuildConfig, progress: Callable[[str], None],
                held: locks.Held) -> BuildSummary:
     run = start_build(config)
-    count = len(run.shards)
+    config, count = run.config, len(run.shards)
     reused = []
-    for number, (shard, (generate_key, _)) in enumerate(zip(run.shards, run.keys, strict=True),
-                                                        1):
-        candidates, was_reused = staged_generate(shard, run.config, generate_key)
+    for number, shard in enumerate(run.shards, 1):
+        candidates, was_reused = staged_generate(shard_table(config, shard), config,
+                                                 shard.generate_key)
         reused.append((candidates.report, was_reused))
         log.info("generated shard %d/%d: %d sources, %d candidates%s", number, count,
-                 shard.num_rows, candidates.table.num_rows, " (reused)" if was_reused else "")
-    for number, (shard, (generate_key, score_key), (generated, generate_reused)) in enumerate(
-            zip(run.shards, run.keys, reused, strict=True), 1):
-        scored, score_reused = staged_score(shard, run.config, score_key, generate_key)
+                 shard.rows, candidates.table.num_rows, " (reused)" if was_reused else "")
+    for number, (shard, (generated, generate_reused)) in enumerate(
+            zip(run.shards, reused, strict=True), 1):
+        scored, score_reused = staged_score(shard_table(config, shard), config,
+                                            shard.score_key, shard.generate_key)
         add_shard(run, generated, scored.report, generated_now=not generate_reused,
                   scored_now=not score_reused, generated_on=process_name(),
                   scored_on=process_name())
-        progress(f"shard {number}/{count}: {shard.num_rows} sources, "
+        progress(f"shard {number}/{count}: {shard.rows} sources, "
                  f"{scored.table.num_rows} scores")
     return select_and_publish(run, held)

@@ -143,12 +143,13 @@ def stopped_at_limit(said: list[bool | str | None]) -> bool | None:
     return True if all(generated) else None
 
 
-def provided_systems(sources: pa.Table, config: GenerateConfig) -> set[str]:
-    """The provided systems that become candidates; naming one the sources lack is an error."""
+def provided_systems(sources: pa.Table, config: GenerateConfig, check: bool = True) -> set[str]:
+    """The provided systems that become candidates; with `check`, naming one the sources lack
+    is an error."""
     present = {s["system"] for row in sources.column("systems").to_pylist() for s in row}
     wanted = set(present if config.provided_systems is None else config.provided_systems)
     unknown = wanted - present
-    if unknown and sources.num_rows:
+    if check and unknown and sources.num_rows:
         raise GenerateError(
             f"provided_systems: {sorted(unknown)} not in the sources (they have {sorted(present)})")
     return wanted
@@ -158,10 +159,14 @@ def generate_candidates(
     sources: pa.Table,
     config: GenerateConfig,
     generators: Sequence[Generator] = (),
+    check_systems: bool = True,
 ) -> Candidates:
-    """The candidates table for `sources`: provided outputs, then each generator's."""
+    """The candidates table for `sources`: provided outputs, then each generator's.
+    `check_systems`: refuse a provided system that `sources` lack. A build checks its whole
+    dataset once (`build.check_build`) and not each shard, which may well lack a system that
+    others have (every output of it empty there)."""
     sources = schema.validate(sources, schema.SOURCES, what="sources")
-    wanted = provided_systems(sources, config)
+    wanted = provided_systems(sources, config, check=check_systems)
     rows = sources.to_pylist()
     report = GenerateReport()
     for row in rows:

@@ -23,7 +23,9 @@ from __future__ import annotations
 import difflib
 import json
 import statistics
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -111,31 +113,46 @@ def default_window(src_lang: str, tgt_lang: str) -> tuple[float, float]:
     return (0.3, 3.5)
 
 
-def _quantile(values: list[float], q: float) -> float:
+def _quantile(values: Sequence[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
 
 
 def length_windows(sources: list[dict], guard: LengthGuard) -> dict[str, tuple[float, float]]:
     """Per direction: the configured window, else one learned from the references' ratios, else
     the built-in table."""
-    ratios: dict[str, list[float]] = {}
+    ratios = _Ratios(guard)
     for row in sources:
-        if row["ref"] and len(row["src"]) >= guard.min_chars:
-            ratios.setdefault(row["lang_pair"], []).append(len(row["ref"]) / len(row["src"]))
-    windows = {}
-    for row in sources:
+        ratios.add(row)
+    return ratios.windows()
+
+
+class _Ratios:
+    """The references' length ratios per direction, gathered source by source (8 bytes each)."""
+
+    def __init__(self, guard: LengthGuard):
+        self.guard = guard
+        self.found: dict[str, array] = {}
+        self.directions: dict[str, tuple[str, str]] = {}
+        """Each direction's languages, in the order first seen."""
+
+    def add(self, row: dict) -> None:
         pair = row["lang_pair"]
-        if pair in windows:
-            continue
-        if pair in guard.windows:
-            windows[pair] = tuple(guard.windows[pair])
-        elif len(ratios.get(pair, [])) >= guard.learn_from:
-            found = ratios[pair]
-            windows[pair] = (_quantile(found, 0.005) / guard.slack,
-                             _quantile(found, 0.995) * guard.slack)
-        else:
-            windows[pair] = default_window(row["src_lang"], row["tgt_lang"])
-    return windows
+        self.directions.setdefault(pair, (row["src_lang"], row["tgt_lang"]))
+        if row["ref"] and len(row["src"]) >= self.guard.min_chars:
+            self.found.setdefault(pair, array("d")).append(len(row["ref"]) / len(row["src"]))
+
+    def windows(self) -> dict[str, tuple[float, float]]:
+        guard, windows = self.guard, {}
+        for pair, (src_lang, tgt_lang) in self.directions.items():
+            found = self.found.get(pair, ())
+            if pair in guard.windows:
+                windows[pair] = tuple(guard.windows[pair])
+            elif len(found) >= guard.learn_from:
+                windows[pair] = (_quantile(found, 0.005) / guard.slack,
+                                 _quantile(found, 0.995) * guard.slack)
+            else:
+                windows[pair] = default_window(src_lang, tgt_lang)
+        return windows
 
 
 def _units(text: str, lang: str) -> list[str]:
@@ -204,21 +221,45 @@ class Context:
     languages: frozenset[str]
 
 
+class ContextBuilder:
+    """`dataset_context` learned part by part, so a build need not hold its sources whole: the
+    same context for a table as for its consecutive parts."""
+
+    def __init__(self, config: GuardsConfig):
+        self.config = config
+        self.ratios = _Ratios(config.length_ratio)
+        self.languages: set[str] = set()
+
+    def add(self, sources: pa.Table) -> None:
+        config = self.config
+        if not (config.length_ratio.enabled or config.off_target.enabled):
+            return
+        columns = ["lang_pair", "src_lang", "tgt_lang", "src", "ref"]
+        rows = schema.validate(sources, schema.SOURCES, what="sources").select(columns)
+        if config.length_ratio.enabled:
+            for row in rows.to_pylist():
+                self.ratios.add(row)
+        for name in ("src_lang", "tgt_lang"):
+            self.languages.update(pc.unique(rows.column(name)).to_pylist())
+
+    def context(self) -> Context:
+        config = self.config
+        if not (config.length_ratio.enabled or config.off_target.enabled):
+            return Context({}, frozenset())
+        windows = self.ratios.windows() if config.length_ratio.enabled else {}
+        languages: frozenset[str] = frozenset()
+        if config.off_target.enabled:
+            from cpo_data import langid
+
+            languages = langid.language_set(self.languages, config.off_target.extra_languages)
+        return Context(windows, languages)
+
+
 def dataset_context(sources: pa.Table, config: GuardsConfig) -> Context:
     """The guards' context for every source in `sources`."""
-    if not (config.length_ratio.enabled or config.off_target.enabled):
-        return Context({}, frozenset())
-    rows = schema.validate(sources, schema.SOURCES, what="sources").select(
-        ["lang_pair", "src_lang", "tgt_lang", "src", "ref"]).to_pylist()
-    windows = length_windows(rows, config.length_ratio) if config.length_ratio.enabled else {}
-    languages: frozenset[str] = frozenset()
-    if config.off_target.enabled:
-        from cpo_data import langid
-
-        languages = langid.language_set(
-            {lang for row in rows for lang in (row["src_lang"], row["tgt_lang"])},
-            config.off_target.extra_languages)
-    return Context(windows, languages)
+    builder = ContextBuilder(config)
+    builder.add(sources)
+    return builder.context()
 
 
 def check_candidates(sources: pa.Table, candidates: pa.Table | None, config: GuardsConfig,

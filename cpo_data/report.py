@@ -30,9 +30,10 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from cpo_data import store
+from cpo_data import schema, store
 from cpo_data.guards import NAMES as GUARDS
 from cpo_data.langs import LANGUAGES
+from cpo_data.publishing import WrittenFiles
 
 REPORT_NAME = "report.html"
 REPORT_FILE = f"{store.ATTACHMENTS_DIR}/{REPORT_NAME}"
@@ -612,8 +613,10 @@ def write_report(uri: str, version: str = "latest", *, name: str | None = None) 
     `name` as for `store.read_triplets`."""
     manifest = store.read_manifest(uri, version, name=name)
     version = manifest["version"]
-    page = render_report(manifest, store.read_triplets_table(uri, version, name=name),
-                         store.read_dropped(uri, version, name=name))
+    # The version's files in batches, checked first, so a large version is never read whole.
+    files = {key: WrittenFiles(*store.checked_files(uri, version, key, name=name), table)
+             for key, table in (("files", schema.TRIPLETS), ("dropped_files", schema.DROPPED))}
+    page = render_report(manifest, files["files"], files["dropped_files"])
     target = f"{store.version_path(uri, version, name=name)}/{REPORT_FILE}"
     with fsspec.open(target, "wb", auto_mkdir=True) as file:
         file.write(page.encode("utf-8"))

@@ -11,8 +11,8 @@ hold no data: skipped.
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +24,11 @@ from cpo_data.config import SourcesConfig
 from cpo_data.errors import UserError
 
 # csv refuses fields over 128 KiB by default, a bound meant to stop a runaway quoted field from
-# filling memory. Here the whole file is already in memory (`_decode`), so a field can be no
-# larger than it and the bound only refuses long documents. 2**31 - 1 is the largest value every
-# platform's C long holds (sys.maxsize overflows where long is 32-bit, as on Windows). The limit
-# is the csv module's, for the whole process: raising it only admits longer fields.
+# filling memory. A field can be no larger than its file, and a quote that never closes is an
+# error at the end of the file (`strict`), so the bound would only refuse long documents.
+# 2**31 - 1 is the largest value every platform's C long holds (sys.maxsize overflows where long
+# is 32-bit, as on Windows). The limit is the csv module's, for the whole process: raising it
+# only admits longer fields.
 FIELD_SIZE_LIMIT = 2**31 - 1
 
 
@@ -63,24 +64,47 @@ def _container(config: SourcesConfig) -> str:
     return by_suffix[suffix]
 
 
-def _decode(path: str) -> str:
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise SourceError(
-            path, line, None,
-            f"not UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); "
-            "re-encode the file as UTF-8",
-        ) from None
+def _not_utf8(path: str, offset: int, line: int, byte: int) -> SourceError:
+    return SourceError(path, line, None, f"not UTF-8 (byte {byte:#04x} at offset {offset}); "
+                       "re-encode the file as UTF-8")
+
+
+def _binary_lines(path: str) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, offset, bytes) of each line, split at b"\n" only and read as the file is
+    iterated: a source file is never held whole. A leading UTF-8 byte-order mark is skipped."""
+    with open(path, "rb") as file:
+        offset = 0
+        for number, raw in enumerate(file, start=1):
+            start = offset
+            offset += len(raw)
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            yield number, start, raw
+
+
+def _decoded_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, ends kept; bytes that are not UTF-8 are named by
+    line and offset."""
+    for number, start, raw in _binary_lines(path):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _not_utf8(path, start + error.start, number, raw[error.start]) from None
+
+
+def _first_bad_byte(path: str) -> SourceError:
+    """The error naming the first byte of `path` that is not UTF-8 (the file is read again,
+    only when a reader that decodes in chunks has met it)."""
+    for _ in _decoded_lines(path):
+        pass
+    raise AssertionError(f"{path}: a decoding error went away on rereading")
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
     # Lines end at "\n" only: str.splitlines() also breaks at U+2028, U+2029, U+0085 and other
     # separators that JSON strings may hold unescaped. Blank means JSON whitespace only.
-    for number, line in enumerate(_decode(path).split("\n"), start=1):
-        line = line.removesuffix("\r")  # CRLF files
+    for number, line in _decoded_lines(path):
+        line = line.removesuffix("\n").removesuffix("\r")  # LF and CRLF files
         if not line.strip(" \t\r"):
             continue
         try:
@@ -98,39 +122,43 @@ def _delimited_rows(path: str, delimiter: str) -> Iterator[tuple[int, dict]]:
     csv.field_size_limit(FIELD_SIZE_LIMIT)
     # strict: a quote that opens a field and never closes is an error, where the lenient reader
     # would swallow the rest of the file into that field and lose every later row unsaid.
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter,
-                        quoting=quoting, strict=True)
     kind = "TSV" if delimiter == "\t" else "CSV"
+    # newline="": the csv module splits records itself (a quoted field may hold line breaks);
+    # the file is decoded as it is read, never held whole.
+    with open(path, encoding="utf-8-sig", newline="") as file:
+        reader = csv.reader(file, delimiter=delimiter, quoting=quoting, strict=True)
 
-    def read(number: int) -> list[str] | None:
-        """Data row `number` (0: the header), or None at the end of the file."""
-        starts = reader.line_num + 1
-        try:
-            return next(reader)
-        except StopIteration:
-            return None
-        except csv.Error as error:
-            what = "the header" if number == 0 else "this row"
-            raise SourceError(
-                path, number or None, None,
-                f"unreadable {kind}: {error} ({what} starts on line {starts}, the reader "
-                f"stopped on line {reader.line_num}); a quote that opens a field must close "
-                "it, and a quote inside a quoted field is written twice",
-            ) from None
-
-    header = read(0)
-    if header is None:
-        return
-    number = 1
-    while (values := read(number)) is not None:
-        if values:
-            if len(values) != len(header):
+        def read(number: int) -> list[str] | None:
+            """Data row `number` (0: the header), or None at the end of the file."""
+            starts = reader.line_num + 1
+            try:
+                return next(reader)
+            except StopIteration:
+                return None
+            except UnicodeDecodeError:
+                raise _first_bad_byte(path) from None
+            except csv.Error as error:
+                what = "the header" if number == 0 else "this row"
                 raise SourceError(
-                    path, number, None,
-                    f"has {len(values)} fields, the header has {len(header)}",
-                )
-            yield number, dict(zip(header, values, strict=True))
-        number += 1
+                    path, number or None, None,
+                    f"unreadable {kind}: {error} ({what} starts on line {starts}, the reader "
+                    f"stopped on line {reader.line_num}); a quote that opens a field must "
+                    "close it, and a quote inside a quoted field is written twice",
+                ) from None
+
+        header = read(0)
+        if header is None:
+            return
+        number = 1
+        while (values := read(number)) is not None:
+            if values:
+                if len(values) != len(header):
+                    raise SourceError(
+                        path, number, None,
+                        f"has {len(values)} fields, the header has {len(header)}",
+                    )
+                yield number, dict(zip(header, values, strict=True))
+            number += 1
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[int, dict]]:

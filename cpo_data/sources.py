@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from cpo_data import schema
@@ -91,6 +94,8 @@ class _Source:
     empty: list[tuple[str, str]] = field(default_factory=list)
     """Provided outputs that were empty, as (system, detail): each one that no duplicate of
     this source fills becomes a dropped row."""
+    scores: list[dict] = field(default_factory=list)
+    """Scores the row carried (ALMA-R layout), as SCORES rows."""
 
 
 class _RowReader:
@@ -201,8 +206,7 @@ def _mapped_source(config: SourcesConfig, reader: _RowReader) -> _Source:
     return source
 
 
-def _alma_r_sources(config: SourcesConfig, reader: _RowReader,
-                    scores: list[dict]) -> list[_Source]:
+def _alma_r_sources(config: SourcesConfig, reader: _RowReader) -> list[_Source]:
     """One ALMA-R row holds both directions of a pair; yield those the row and config allow."""
     translation = reader.row.get("translation")
     if not isinstance(translation, dict):
@@ -236,7 +240,7 @@ def _alma_r_sources(config: SourcesConfig, reader: _RowReader,
                 key = f"{system}_{tgt_lang}_{scorer}"
                 value = reader.number_or_none(key, translation) if key in translation else None
                 if text is not None and value is not None:
-                    scores.append({"source_id": sid, "text": text, "scorer": scorer,
+                    source.scores.append({"source_id": sid, "text": text, "scorer": scorer,
                                    "score": value, "error_spans": None})
         made.append(source)
     return made
@@ -248,6 +252,7 @@ def _merge(first: _Source, later: _Source, sid: str, drops: Drops) -> None:
     neither is lost; one that differs from the first's has no place in the row: a drop."""
     first.duplicates += 1
     first.empty += later.empty  # dropped at the end, unless an occurrence has the output
+    first.scores += later.scores  # where two give one text a score, the first one's is kept
     pair = lang_pair(first.src_lang, first.tgt_lang)
     lost = []
     for name, text in later.systems.items():
@@ -268,75 +273,163 @@ def _merge(first: _Source, later: _Source, sid: str, drops: Drops) -> None:
                   f"{later.origin}: {what} differs from {first.origin}, which is kept")
 
 
-def _to_table(collected: dict[str, _Source]) -> pa.Table:
-    rows = [
-        {
-            "source_id": sid,
-            "lang_pair": lang_pair(s.src_lang, s.tgt_lang),
-            "src_lang": s.src_lang,
-            "tgt_lang": s.tgt_lang,
-            "src": s.src,
-            "ref": s.ref,
-            "systems": [{"system": k, "text": v} for k, v in s.systems.items()],
-            "human_preferred": s.preferred,
-            "human_dispreferred": s.dispreferred,
-            "human_delta": s.delta,
-            "duplicates": s.duplicates,
-            "origin": s.origin,
-        }
-        for sid, s in collected.items()
-    ]
-    return pa.Table.from_pylist(rows, schema=schema.SOURCES)
+def _row(sid: str, s: _Source) -> dict:
+    return {
+        "source_id": sid,
+        "lang_pair": lang_pair(s.src_lang, s.tgt_lang),
+        "src_lang": s.src_lang,
+        "tgt_lang": s.tgt_lang,
+        "src": s.src,
+        "ref": s.ref,
+        "systems": [{"system": k, "text": v} for k, v in s.systems.items()],
+        "human_preferred": s.preferred,
+        "human_dispreferred": s.dispreferred,
+        "human_delta": s.delta,
+        "duplicates": s.duplicates,
+        "origin": s.origin,
+    }
 
 
-def _scores_table(scores: list[dict]) -> pa.Table:
-    unique = {(s["source_id"], s["text"], s["scorer"]): s for s in reversed(scores)}
-    return pa.Table.from_pylist(list(reversed(unique.values())), schema=schema.SCORES)
+def _carried(source: _Source) -> list[dict]:
+    """The source's carried scores, one per (text, scorer): the first occurrence's value."""
+    return list({(s["text"], s["scorer"]): s for s in reversed(source.scores)}.values())[::-1]
 
 
-def load_sources(configs: Sequence[SourcesConfig] | SourcesConfig) -> Sources:
-    """Read one or more source files into one sources table; duplicates collapse across files."""
-    if isinstance(configs, SourcesConfig):
-        configs = [configs]
-    report = SourcesReport()
-    collected: dict[str, _Source] = {}
-    scores: list[dict] = []
-    drops = Drops()
+@dataclass
+class Part:
+    """Up to one shard's worth of consecutive sources, with their carried scores and the drops
+    of their empty provided outputs."""
+
+    table: pa.Table
+    scores: pa.Table
+    dropped: pa.Table
+
+
+@dataclass
+class Scan:
+    """What a first read of the source files learned, holding nothing per row but an 8-byte
+    digest: the report's counts, the systems and references present, and which sources
+    repeat. Every row is checked in it, so bad input fails before anything is written."""
+
+    configs: list[SourcesConfig]
+    report: SourcesReport
+    ids: np.ndarray
+    """The distinct sources' digests (`id_digest`), sorted: for set arithmetic with 8 bytes a
+    source instead of a string."""
+    repeated: set[int]
+    """Digests that occur more than once: their sources merge before any is handed on."""
+    systems: set[str] = field(default_factory=set)
+    """Every provided system some source has an output of."""
+    has_reference: bool = False
+
+
+def id_digest(sid: str) -> int:
+    """A 64-bit digest of a source id (any string: published data may carry ids of its own).
+    Two ids sharing one (about 3e-8 odds among a million sources) only make a source count as
+    repeated, which the merge step (by the whole id) settles; counts of new and kept sources
+    could be off by such a pair."""
+    return int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=8).digest(), "big")
+
+
+def _made(configs: Sequence[SourcesConfig]) -> Iterator[tuple[str, _Source]]:
+    """Every source the files make, with its id, in file order (an ALMA-R row makes up to two)."""
     for config in configs:
-        report.files.append(config.path)
         for number, row in read_rows(config):
             reader = _RowReader(config.path, number, row)
             if config.format == "alma_r":
-                made = _alma_r_sources(config, reader, scores)
+                made = _alma_r_sources(config, reader)
             else:
                 made = [_mapped_source(config, reader)]
             for source in made:
-                report.rows_read += 1
-                sid = source_id(source.src_lang, source.tgt_lang, source.src)
-                report.empty_system_outputs += len(source.empty)  # as read, row by row
-                first = collected.get(sid)
-                if first is None:
-                    collected[sid] = source
-                    continue
-                # Merged, not lost: counted in the report; only what differs is a drop.
-                report.duplicates_collapsed += 1
+                yield source_id(source.src_lang, source.tgt_lang, source.src), source
+
+
+def scan_sources(configs: Sequence[SourcesConfig] | SourcesConfig) -> Scan:
+    """Read the source files once, checking every row (the first pass of `load_sources`)."""
+    configs = [configs] if isinstance(configs, SourcesConfig) else list(configs)
+    report = SourcesReport(files=[c.path for c in configs])
+    digests = array("Q")
+    systems: set[str] = set()
+    has_reference = False
+    for sid, source in _made(configs):
+        report.rows_read += 1
+        report.empty_system_outputs += len(source.empty)  # as read, row by row
+        digests.append(id_digest(sid))
+        systems.update(source.systems)
+        has_reference = has_reference or source.ref is not None
+    ids, counts = np.unique(np.frombuffer(digests, dtype=np.uint64), return_counts=True)
+    report.duplicates_collapsed = len(digests) - len(ids)  # merged, not lost: no drop
+    return Scan(configs, report, ids, set(ids[counts > 1].tolist()), systems, has_reference)
+
+
+def merge_repeated(scan: Scan) -> tuple[dict[str, _Source], pa.Table]:
+    """The sources that repeat, each folded into its first occurrence (a second read that
+    keeps only those), and the `conflicting_duplicate` drops. Empty when none repeats."""
+    merged: dict[str, _Source] = {}
+    drops = Drops()
+    if scan.repeated:
+        for sid, source in _made(scan.configs):
+            if id_digest(sid) not in scan.repeated:
+                continue
+            first = merged.setdefault(sid, source)
+            if first is not source:
                 _merge(first, source, sid, drops)
-    for sid, source in collected.items():  # after merging: a duplicate may have filled one
-        for name, detail in source.empty:
+    return merged, drops.table()
+
+
+def read_parts(scan: Scan, merged: dict[str, _Source], size: int) -> Iterator[Part]:
+    """The sources table in parts of `size` rows, in order of first occurrence: a last read,
+    where a repeated source comes out merged at its first occurrence. Counts the report's
+    sources and language pairs as it goes."""
+    report = scan.report
+    rows: list[dict] = []
+    scores: list[dict] = []
+    drops = Drops()
+
+    def part() -> Part:
+        return Part(pa.Table.from_pylist(rows, schema=schema.SOURCES),
+                    pa.Table.from_pylist(scores, schema=schema.SCORES), drops.table())
+
+    for sid, source in _made(scan.configs):
+        if id_digest(sid) in scan.repeated:
+            source = merged.pop(sid, None)
+            if source is None:  # a later occurrence: already handed on, merged
+                continue
+        pair = lang_pair(source.src_lang, source.tgt_lang)
+        for name, detail in source.empty:  # after merging: a duplicate may have filled one
             if name not in source.systems:
-                drops.add(sid, lang_pair(source.src_lang, source.tgt_lang), EMPTY_SYSTEM_OUTPUT,
-                          detail)
-    table = _to_table(collected)
-    report.sources = table.num_rows
-    for pair in table.column("lang_pair").to_pylist():
+                drops.add(sid, pair, EMPTY_SYSTEM_OUTPUT, detail)
+        rows.append(_row(sid, source))
+        scores.extend(_carried(source))
+        report.sources += 1
         report.per_lang_pair[pair] = report.per_lang_pair.get(pair, 0) + 1
-    return Sources(table=table, scores=_scores_table(scores), report=report,
-                   dropped=drops.table())
+        if len(rows) == size:
+            yield part()
+            rows, scores, drops = [], [], Drops()
+    if rows or not report.sources:
+        yield part()
+
+
+def load_sources(configs: Sequence[SourcesConfig] | SourcesConfig) -> Sources:
+    """Read one or more source files into one sources table; duplicates collapse across files.
+    A build reads the same way in parts (`scan_sources`, `merge_repeated`, `read_parts`) and
+    never holds the whole table."""
+    scan = scan_sources(configs)
+    merged, conflicts = merge_repeated(scan)
+    parts = list(read_parts(scan, merged, size=1 << 62))
+    return Sources(table=pa.concat_tables([p.table for p in parts]),
+                   scores=pa.concat_tables([p.scores for p in parts]), report=scan.report,
+                   dropped=pa.concat_tables([conflicts, *(p.dropped for p in parts)]))
 
 
 def fingerprint(table: pa.Table) -> str:
     """A hash of which sources a table holds (their ids, in order): provenance for a build."""
     digest = hashlib.sha256()
+    add_to_fingerprint(digest, table)
+    return digest.hexdigest()
+
+
+def add_to_fingerprint(digest: Any, table: pa.Table) -> None:
+    """`fingerprint` part by part: the same hash for a table read in consecutive parts."""
     for sid in table.column("source_id").to_pylist():
         digest.update(sid.encode() + b"\n")
-    return digest.hexdigest()

@@ -1,8 +1,9 @@
 """Finished shard stages under `work_dir/shards`: Parquet and JSON, never pickles.
 
-Each stage of each shard (its generation, its scoring) is kept under its content key
-(`build.shard_key`): `{key}.parquet` (the stage's table), `{key}.dropped.parquet` (what it
-dropped) and `{key}.json`, written last, which holds the stage's report and the two files'
+Each stage of each shard (its sources as read, its generation, its scoring) is kept under its
+content key (`build.sources_key`, `build.shard_key`): `{key}.parquet` (the stage's table),
+`{key}.dropped.parquet` (what it dropped), for the sources `{key}.scores.parquet` (the scores
+they carry), and `{key}.json`, written last, which holds the stage's report and the files'
 sizes and sha256s. A stage counts as finished only when its JSON is there and both files match
 it, so a kill mid-write, a torn file or an edit is recomputed, never trusted. A stage built
 on another's table (scoring, on the candidates) records that table's sha256 as its `inputs`,
@@ -41,6 +42,12 @@ class Staged:
     table: pa.Table
     dropped: pa.Table
     report: dict[str, Any]
+    scores: pa.Table | None = None
+    """A third table, where the stage kept one (a sources part's carried scores)."""
+
+
+def _file_name(key: str, part: str) -> str:
+    return f"{key}.parquet" if part == "table" else f"{key}.{part}.parquet"
 
 
 def staged_dir(work_dir: str) -> str:
@@ -70,14 +77,19 @@ def _put(fs: fsspec.AbstractFileSystem, folder: str, name: str, data: bytes) -> 
 
 
 def save(work_dir: str, key: str, table: pa.Table, dropped: pa.Table,
-         report: dict[str, Any], inputs: dict[str, str] | None = None) -> None:
+         report: dict[str, Any], inputs: dict[str, str] | None = None,
+         scores: pa.Table | None = None) -> None:
     """Keep one finished stage under `key`; its JSON is written last. `inputs`: the sha256s
     of the staged tables this stage was computed from (`table_sha256`)."""
     fs, folder = _folder(work_dir)
     fs.makedirs(folder, exist_ok=True)
     files = {}
-    for part, data in (("table", _parquet_bytes(table)), ("dropped", _parquet_bytes(dropped))):
-        name = f"{key}.parquet" if part == "table" else f"{key}.dropped.parquet"
+    parts = {"table": table, "dropped": dropped}
+    if scores is not None:
+        parts["scores"] = scores
+    for part, kept in parts.items():
+        data = _parquet_bytes(kept)
+        name = _file_name(key, part)
         _put(fs, folder, name, data)
         files[part] = {"path": name, "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()}
@@ -118,7 +130,7 @@ def load(work_dir: str, key: str, inputs: dict[str, str] | None = None) -> Stage
                     "made again); the stage is done again", record_path)
         return None
     tables = {}
-    for part in ("table", "dropped"):
+    for part in ("table", "dropped", *(["scores"] if "scores" in record.get("files", {}) else [])):
         entry = record.get("files", {}).get(part) or {}
         path = posixpath.join(folder, str(entry.get("path")))
         try:
@@ -132,7 +144,8 @@ def load(work_dir: str, key: str, inputs: dict[str, str] | None = None) -> Stage
                         "again", path, record_path)
             return None
         tables[part] = pq.read_table(pa.BufferReader(data), use_threads=False)  # see cache.py
-    return Staged(tables["table"], tables["dropped"], record.get("report") or {})
+    return Staged(tables["table"], tables["dropped"], record.get("report") or {},
+                  tables.get("scores"))
 
 
 def sweep(work_dir: str) -> list[str]:

@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,6 +49,7 @@ import pyarrow.parquet as pq
 
 from cpo_data import card, locks, schema
 from cpo_data.errors import UserError
+from cpo_data.sources import id_digest
 
 MANIFEST = ".manifest.json"
 LEGACY_MANIFEST = "_manifest.json"  # versions published before the dataset card; still read
@@ -384,6 +386,66 @@ def read_source_ids(uri: str, version: str = "latest", *, name: str | None = Non
                            where, verify)
         ids.update(_parquet(data, where, ["source_id"]).column("source_id").to_pylist())
     return ids
+
+
+def _check_by_chunks(fs: fsspec.AbstractFileSystem, path: str, entry: dict,
+                     where: str) -> None:
+    """`_file_bytes`'s checks, reading the file in chunks instead of holding it whole."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with fs.open(path, "rb") as file:
+            while chunk := file.read(8 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise StoreError(f"{where}: missing (the manifest lists it)") from None
+    if "bytes" in entry and size != entry["bytes"]:
+        raise StoreError(f"{where}: {size} bytes, the manifest says {entry['bytes']} "
+                         "(cut short or replaced since publishing)")
+    if digest.hexdigest() != entry["sha256"]:
+        raise StoreError(f"{where}: sha256 mismatch (changed since publishing)")
+
+
+def checked_files(uri: str, version: str, key: str, *, name: str | None = None,
+                  verify: bool = True) -> tuple[fsspec.AbstractFileSystem, str, tuple[str, ...]]:
+    """The files a version lists under `key` ("files", "dropped_files"), each checked
+    against the manifest in chunks (none read whole): the filesystem, the version folder and
+    the files' paths in it, for a reader that goes through them in batches."""
+    manifest = read_manifest(uri, version, name=name)
+    fs, path, uri = _dataset_dir(uri, name)
+    folder = posixpath.join(path, manifest["version"])
+    paths = []
+    for entry in manifest[key]:
+        if verify:
+            _check_by_chunks(fs, posixpath.join(folder, entry["path"]), entry,
+                             f"{uri}/{manifest['version']}/{entry['path']}")
+        paths.append(entry["path"])
+    return fs, folder, tuple(paths)
+
+
+def read_source_digests(uri: str, version: str = "latest", *, name: str | None = None,
+                        verify: bool = True) -> np.ndarray:
+    """`read_source_ids` as sorted distinct 64-bit digests (`sources.id_digest`), read in
+    batches: 8 bytes a source, where a set of ids costs about 100, and no file held whole."""
+    manifest = read_manifest(uri, version, name=name)
+    fs, path, uri = _dataset_dir(uri, name)
+    found = []
+    for entry in manifest["files"] + manifest["dropped_files"]:
+        where = f"{uri}/{manifest['version']}/{entry['path']}"
+        file_path = posixpath.join(path, manifest["version"], entry["path"])
+        if verify:
+            _check_by_chunks(fs, file_path, entry, where)
+        try:
+            with fs.open(file_path, "rb") as file:
+                for batch in pq.ParquetFile(file).iter_batches(
+                        batch_size=65536, columns=["source_id"], use_threads=False):
+                    ids = batch.column(0).to_pylist()
+                    found.append(np.fromiter(map(id_digest, ids), np.uint64, len(ids)))
+        except FileNotFoundError:
+            raise StoreError(f"{where}: missing (the manifest lists it)") from None
+        except (pa.ArrowException, OSError) as error:
+            raise StoreError(f"{where}: not a readable Parquet file ({error})") from None
+    return np.unique(np.concatenate(found)) if found else np.empty(0, np.uint64)
 
 
 def read_dropped(uri: str, version: str = "latest", *, name: str | None = None,

@@ -66,10 +66,11 @@ def _retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's
 # read): the tasks cache nothing and return only a key, so the flow holds no shard's tables.
 @task(name="generate-shard", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=10, retry_condition_fn=_retry_transient)
-def generate_shard(shard, config: BuildConfig, key: str, label: str) -> dict:
-    """Candidates for one shard, kept under its content key `key`."""
-    result, reused = build.staged_generate(shard, config, key)
-    get_run_logger().info("%s: %d sources -> %d candidates (%s)", label, shard.num_rows,
+def generate_shard(shard: build.Shard, config: BuildConfig, label: str) -> dict:
+    """Candidates for one shard (its sources read from work_dir), kept under its key."""
+    key = shard.generate_key
+    result, reused = build.staged_generate(build.shard_table(config, shard), config, key)
+    get_run_logger().info("%s: %d sources -> %d candidates (%s)", label, shard.rows,
                           result.table.num_rows, "finished by an earlier run" if reused else
                           f"generated {result.report.generated or '-'}, from cache "
                           f"{result.report.from_cache or '-'}")
@@ -79,9 +80,11 @@ def generate_shard(shard, config: BuildConfig, key: str, label: str) -> dict:
 
 @task(name="score-shard", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=10, retry_condition_fn=_retry_transient)
-def score_shard(generated: dict, shard, config: BuildConfig, key: str, label: str) -> dict:
-    """Scores of one shard's staged candidates, kept under its content key `key`."""
-    result, reused = build.staged_score(shard, config, key, generated["key"])
+def score_shard(generated: dict, shard: build.Shard, config: BuildConfig, label: str) -> dict:
+    """Scores of one shard's staged candidates, kept under its key."""
+    key = shard.score_key
+    result, reused = build.staged_score(build.shard_table(config, shard), config, key,
+                                        generated["key"])
     get_run_logger().info("%s: %d scores (%s)", label, result.table.num_rows,
                           "finished by an earlier run" if reused else
                           f"scored {result.report.scored or '-'}, from cache "
@@ -197,15 +200,17 @@ def _build(config: BuildConfig, retries: int | None, held: locks.Held) -> build.
     run = build.start_build(config)
     config = run.config
     logger.info("%d sources (%s) in %d shard(s) of up to %d", run.summary.sources,
-                ", ".join(run.loaded.report.files), len(run.shards), config.shard_size)
+                ", ".join(run.ingested.report.files), len(run.shards), config.shard_size)
     options: dict[str, Any] = {}
     if retries is not None:
         options["retries"] = retries
     generate_task = generate_shard.with_options(**options)
     score_task = score_shard.with_options(**options)
 
-    shards = [(shard, *keys, f"shard {number}/{len(run.shards)}")
-              for number, (shard, keys) in enumerate(zip(run.shards, run.keys, strict=True), 1)]
+    # Shards go to the tasks by reference: their sources are read from work_dir/shards where
+    # they run, so neither the flow's parameters nor a Dask message carries a table.
+    shards = [(shard, f"shard {number}/{len(run.shards)}")
+              for number, shard in enumerate(run.shards, 1)]
     # The shards go to the runner the config names; the flow's own runs nothing else. Every
     # result is read before that runner closes: a Dask future needs its cluster.
     with open_shard_runner(config.runner) as runner:
@@ -215,14 +220,12 @@ def _build(config: BuildConfig, retries: int | None, held: locks.Held) -> build.
         # other's (`loaded.release`): a 13B model read again per shard. Finished stages come
         # from work_dir/shards in either phase, so a rerun resumes where the last stopped.
         generating = [runner.submit(generate_task, {
-            "shard": shard, "config": config, "key": generate_key, "label": label})
-            for shard, generate_key, _, label in shards]
+            "shard": shard, "config": config, "label": label}) for shard, label in shards]
         # Any shard failing raises here, before any scoring starts and anything is published.
         generated_results = [future.result() for future in generating]
         scoring = [runner.submit(score_task, {
-            "generated": generated, "shard": shard, "config": config, "key": score_key,
-            "label": label}) for generated, (shard, _, score_key, label) in zip(
-                generating, shards, strict=True)]
+            "generated": generated, "shard": shard, "config": config, "label": label})
+            for generated, (shard, label) in zip(generating, shards, strict=True)]
         scored_results = [future.result() for future in scoring]
     # A stage an earlier run finished is not counted again. The results are reports only:
     # the shards' tables stay in work_dir/shards until selection reads them one by one.

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from cpo_data import build, staging, store
-from cpo_data.config import ConfigError, load_config
+from cpo_data.config import ConfigError, SourcesConfig, load_config
+from tests.conftest import write_jsonl
 from tests.test_build_flow import DEMO_ROWS, write_config
 
 MODELS = {"causal": "./models/causal", "kiwi": "./models/kiwi/checkpoints/model.ckpt"}
@@ -66,6 +67,21 @@ def test_unknown_provided_system_is_refused(tmp_path, no_model_loads):
         build.run_build(load_config(path))
 
 
+def test_a_shard_may_lack_a_provided_system_that_others_have(tmp_path):
+    """The provided systems are checked once over the whole dataset: a shard in which every
+    output of one system is empty builds, and those outputs are dropped rows."""
+    rows = [dict(row, delta=None) for row in DEMO_ROWS[:4]]
+    rows[2]["system_b"] = rows[3]["system_b"] = ""  # the second shard has no system_b
+    path = write_config(tmp_path, MODELS, rows, shard_size=2,
+                        generate={"provided_systems": ["system_a", "system_b"],
+                                  "include_reference": True},
+                        score={"scorers": [{"name": "chrf", "kind": "chrf"}]},
+                        select={"use_human_labels": False})
+    summary = build.run_build(load_config(path))
+    assert summary.shards == 2 and summary.dropped["empty_system_output"] == 2
+    assert summary.triplets == 4  # the second shard's pairs: system_a against the reference
+
+
 def test_several_scores_need_rank_by(tmp_path):
     scorers = [{"name": "chrf", "kind": "chrf"}, {"name": "bleu", "kind": "bleu"}]
     path = write_config(tmp_path, MODELS, DEMO_ROWS[:4], select={}, score={"scorers": scorers})
@@ -73,15 +89,25 @@ def test_several_scores_need_rank_by(tmp_path):
         load_config(path)
 
 
-def test_shards_are_consecutive_and_appending_keeps_earlier_ones():
-    table = pa.table({"source_id": [f"s{i}" for i in range(10)]})
-    parts = build.shards(table, 4)
-    assert [p.num_rows for p in parts] == [4, 4, 2]
-    grown = build.shards(pa.table({"source_id": [f"s{i}" for i in range(11)]}), 4)
-    assert grown[0].equals(parts[0]) and grown[1].equals(parts[1])
-    key = build.shard_key("generate", parts[0], [])
+def test_shards_are_consecutive_and_appending_keeps_earlier_ones(tmp_path):
+    from cpo_data import sources
+
+    def parts(rows):
+        config = SourcesConfig(path=str(write_jsonl(tmp_path / "s.jsonl", rows)),
+                               src_lang="de", tgt_lang="en", src_column="src",
+                               ref_column=None, systems={})
+        scan = sources.scan_sources(config)
+        return [part.table for part in sources.read_parts(scan, {}, 4)]
+
+    rows = [{"src": f"Satz {i}."} for i in range(11)]
+    first = parts(rows[:10])
+    assert [p.num_rows for p in first] == [4, 4, 2]
+    grown = parts(rows)
+    assert [p.num_rows for p in grown] == [4, 4, 3]
+    assert grown[0].equals(first[0]) and grown[1].equals(first[1])
+    key = build.shard_key("generate", first[0], [])
     assert key == build.shard_key("generate", grown[0], [])
-    assert key != build.shard_key("generate", parts[1], [])
+    assert key != build.shard_key("generate", first[1], [])
 
 
 def test_plain_build_publishes_score_selected_triplets(tmp_path):
@@ -137,7 +163,7 @@ def test_scores_kept_for_other_candidates_are_not_reused(tmp_path):
     first = build.run_build(config)
     assert first.scored == {"chrf": 16}
     run = build.start_build(config)
-    generate_key = run.keys[0][0]
+    generate_key = run.shards[0].generate_key
     kept = staging.load(config.work_dir, generate_key)
     texts = kept.table.column("text").to_pylist()
     changed = kept.table.set_column(kept.table.schema.get_field_index("text"), "text",

@@ -62,9 +62,12 @@ def test_flow_publishes_a_version_with_artifacts_and_event(tmp_path, models, eve
     summary = build_triplets(str(write_config(tmp_path, models, rows)), retries=0)
     assert summary["shards"] == 3 and summary["shards_reused"] == 0
     # Finished shards are kept under the config's work_dir as Parquet and JSON, one record
-    # per task, and nothing Prefect would unpickle.
+    # per task and one per shard's sources (read before the tasks; a table, its drops and its
+    # carried scores), and nothing Prefect would unpickle.
     staged = tmp_path / "work" / "shards"
-    assert len(list(staged.glob("*.json"))) == 6 and len(list(staged.glob("*.parquet"))) == 12
+    for stage, files in (("generate", 2), ("score", 2), ("sources", 3)):
+        assert len(list(staged.glob(f"{stage}-*.json"))) == 3
+        assert len(list(staged.glob(f"{stage}-*.parquet"))) == 3 * files
     assert not (tmp_path / "work" / "task-results").exists()
     assert summary["generated"] == {"tiny": 20}
     frame = store.read_triplets(str(tmp_path / "store"), name="flowtest", verify=True)

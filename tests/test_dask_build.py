@@ -289,7 +289,7 @@ def test_shard_keys_ignore_batching_and_follow_what_changes_outputs(tmp_path, mo
         score = dataclasses.replace(config.score, scorers=(dataclasses.replace(
             scorer, **changes.get("scorer", {})), *config.score.scorers[1:]))
         run = build.start_build(dataclasses.replace(config, generate=generate, score=score))
-        return build.shard_keys(run, run.shards[0])
+        return run.shards[0].generate_key, run.shards[0].score_key
 
     base = keys()
     assert keys(scorer={"max_batch_size": 2, "token_budget": 99, "device": "cpu"}) == base
@@ -365,8 +365,10 @@ def test_dask_on_two_local_workers_publishes_the_same_triplets_as_the_default_ru
     print_build_summary(dask, rows=0)
     out = capsys.readouterr().out
     assert f"workers         {len(dask['workers'])} processes ran shard tasks: " in out
-    # Finished shards went to the URI's folder, for a rerun to resume from.
-    assert len(list((tmp_path / "dask" / "work" / "shards").glob("*.json"))) == 8
+    # Finished shards went to the URI's folder, for a rerun to resume from; the workers read
+    # each shard's sources there too (the tasks carry keys, not tables).
+    staged = tmp_path / "dask" / "work" / "shards"
+    assert len(list(staged.glob("*.json"))) == 12  # 4 shards x (sources, generate, score)
 
     published = _published(tmp_path / "dask")
     assert len(published) == dask["triplets"] == threads["triplets"] > 0
@@ -436,7 +438,7 @@ def test_finished_shards_on_an_fsspec_uri_are_stored_there_and_reused(tmp_path, 
     first = build_triplets(str(config), retries=0)
     memory = fsspec.filesystem("memory")
     assert len([p for p in memory.ls(f"{work}/shards", detail=False)
-                if p.endswith(".json")]) == 4  # 2 shards x (generate, score)
+                if p.endswith(".json")]) == 6  # 2 shards x (sources, generate, score)
     assert memory.ls(f"{work}/cache")  # the content caches went there too
     again = build_triplets(str(config), retries=0)
     assert again["shards_reused"] == again["shards"] == first["shards"] == 2

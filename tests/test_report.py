@@ -380,6 +380,11 @@ def test_write_report_puts_it_where_publishing_attaches_it(tmp_path):
     assert path == f"{folder}/__attachments__/report.html"
     page = Path(path).read_text(encoding="utf-8")
     assert later in page and "single_candidate" in page
+    # Read in checked batches, it is the page of the whole tables.
+    assert page == report.render_report(
+        store.read_manifest(str(tmp_path), later, name="demo"),
+        store.read_triplets_table(str(tmp_path), later, name="demo"),
+        store.read_dropped(str(tmp_path), later, name="demo"))
     # Publishing with the hook lists the same page (rendering is deterministic) in the manifest.
     manifest = store.read_manifest(str(tmp_path), attached, name="demo")
     assert report.REPORT_FILE in [entry["path"] for entry in manifest["attachments"]]
@@ -389,6 +394,14 @@ def test_write_report_puts_it_where_publishing_attaches_it(tmp_path):
         manifest, store.read_triplets_table(str(tmp_path), attached, name="demo"),
         store.read_dropped(str(tmp_path), attached, name="demo"))
     assert len(store.read_triplets(str(tmp_path), name="demo")) == table.num_rows
+    # A file changed since publishing is refused before the page is rendered.
+    part = next(Path(store.version_path(str(tmp_path), later, name="demo")).glob(
+        "de-en/part-*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    part.write_bytes(bytes(data))
+    with pytest.raises(store.StoreError, match=r"de-en/part-00000\.parquet: sha256 mismatch"):
+        report.write_report(str(tmp_path), name="demo")
 
 
 # ---- in the browser -------------------------------------------------------------------------
