@@ -9,11 +9,16 @@ and a reader sees a segment whole or not at all (local: written under a temporar
 renamed; object stores: one object put). Reads are single-threaded: Arrow's CPU thread pool
 can abort the interpreter at exit ("terminate called without an active exception",
 apache/arrow#34314), seen here in about 1 of 40 short processes, and segments are small.
-Readers load each segment once and keep an index in
-memory; when two writers stored the same key, the values are equal by construction (same
-content, same identity), so the first one read wins. `open_cache` hands every caller in a
-process the same object per folder, so a build of many shards reads each segment once instead
-of once per shard (which grew with the square of the shard count).
+
+Readers index each segment's keys once (`_Index`): 12 bytes an entry (an 8-byte digest of the
+key and the segment's number), not the keys and values themselves, so a cache of millions of
+entries costs tens of MB in a process and a build's memory does not grow with everything it
+ever scored. A lookup reads the segments that hold the keys it finds, values only for those
+keys; a shard's entries were written together, so that is usually one segment. When two
+writers stored the same key, the values are equal by construction (same content, same
+identity), so the first one indexed wins. `open_cache` hands every caller in a process the
+same object per folder, so a build of many shards indexes each segment once instead of once
+per shard (which grew with the square of the shard count).
 
 After a kill: a segment that does not parse (torn: cut short by a crash of a file system
 that renamed before it flushed, a full disk, a partial copy) is skipped with one warning and
@@ -37,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -57,6 +63,59 @@ def identity_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def key_digest(key: str) -> int:
+    """A 64-bit digest of a cache key. Two keys sharing one (about 1e-7 odds among 2M
+    entries) can only make a lookup miss, which recomputes an equal value."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def _digests(keys: Sequence[str]) -> np.ndarray:
+    return np.fromiter(map(key_digest, keys), dtype=np.uint64, count=len(keys))
+
+
+class _Index:
+    """Which segment holds each key: sorted digests and segment numbers, in a merged array
+    and a few recent ones (merged when they grow many, so a lookup searches a handful)."""
+
+    MERGE_AFTER = 16
+
+    def __init__(self) -> None:
+        self.digests = np.empty(0, dtype=np.uint64)
+        self.segments = np.empty(0, dtype=np.int32)
+        self.recent: list[tuple[np.ndarray, int]] = []
+
+    def add(self, segment: int, keys: Sequence[str]) -> None:
+        self.recent.append((np.unique(_digests(keys)), segment))
+        if len(self.recent) >= self.MERGE_AFTER:
+            digests = np.concatenate([self.digests, *(d for d, _ in self.recent)])
+            segments = np.concatenate([self.segments, *(np.full(len(d), n, dtype=np.int32)
+                                                        for d, n in self.recent)])
+            # Stable: among equal digests the earlier segment stays first, and wins.
+            order = np.argsort(digests, kind="stable")
+            self.digests, self.segments, self.recent = digests[order], segments[order], []
+
+    def find(self, keys: Sequence[str]) -> dict[int, list[str]]:
+        """The keys found, grouped by the first segment indexed with their digest."""
+        wanted = _digests(keys)
+        where = np.full(len(keys), -1, dtype=np.int64)
+        for digests, segment in ((self.digests, self.segments), *self.recent):
+            unfound = where < 0
+            if not unfound.any():
+                break
+            if not len(digests):
+                continue
+            at = np.minimum(np.searchsorted(digests, wanted), len(digests) - 1)
+            hit = unfound & (digests[at] == wanted)
+            where[hit] = segment[at[hit]] if isinstance(segment, np.ndarray) else segment
+        found: dict[int, list[str]] = {}
+        for index in np.flatnonzero(where >= 0):
+            found.setdefault(int(where[index]), []).append(keys[index])
+        return found
+
+    def __len__(self) -> int:
+        return len(np.unique(np.concatenate([self.digests, *(d for d, _ in self.recent)])))
+
+
 class ContentCache:
     """Key -> JSON value for one namespace (one generator or scorer identity) under `uri`."""
 
@@ -68,7 +127,9 @@ class ContentCache:
         self.fs, root = fsspec.core.url_to_fs(uri)
         self.folder = posixpath.join(root.rstrip("/"), namespace)
         self.fs.makedirs(self.folder, exist_ok=True)
-        self._index: dict[str, str] = {}
+        self._index = _Index()
+        self._segments: list[str] = []
+        """Indexed segments' paths; a segment's number is its place here."""
         self._loaded: set[str] = set()
         self._lock = threading.Lock()  # one object may serve several task threads
         self._swept = False
@@ -81,22 +142,29 @@ class ContentCache:
             if not self.fs.exists(about):
                 self.fs.pipe_file(about, json.dumps(identity, indent=2, sort_keys=True).encode())
 
+    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
+        """A segment's table, or None when it does not parse (then it is set aside)."""
+        data = self.fs.cat_file(path)  # an I/O error is raised: the file may be fine
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+        except pa.ArrowException as error:
+            self._set_aside(path, error)
+            return None
+
+    def _add_segment(self, path: str, keys: Sequence[str]) -> None:
+        self._loaded.add(path)
+        self._index.add(len(self._segments), keys)
+        self._segments.append(path)
+
     def _refresh(self) -> None:
-        """Read segments written since the last look (by this or another process)."""
+        """Index segments written since the last look (by this or another process)."""
         for path in sorted(self.fs.ls(self.folder, detail=False)):
             name = posixpath.basename(path)
             if not name.startswith("seg-") or not name.endswith(".parquet") or path in self._loaded:
                 continue
-            data = self.fs.cat_file(path)  # an I/O error is raised: the file may be fine
-            try:
-                table = pq.read_table(pa.BufferReader(data), use_threads=False)
-            except pa.ArrowException as error:
-                self._set_aside(path, error)
-                continue
-            for key, value in zip(table.column("key").to_pylist(),
-                                  table.column("value").to_pylist(), strict=True):
-                self._index.setdefault(key, value)
-            self._loaded.add(path)
+            table = self._read(path, ["key"])
+            if table is not None:
+                self._add_segment(path, table.column("key").to_pylist())
 
     def _set_aside(self, path: str, error: Exception) -> None:
         """A segment that does not parse: skipped from now on, and moved out of the way."""
@@ -113,12 +181,25 @@ class ContentCache:
         log.warning("cache segment %s is unreadable (%s): skipped and moved to %s; its "
                     "entries are computed again", path, error, aside)
 
+    def _values(self, segment: int, keys: list[str]) -> dict[str, str]:
+        """The stored JSON of those `keys` that segment `segment` holds."""
+        table = self._read(self._segments[segment])
+        if table is None:  # damaged since it was indexed: its entries are computed again
+            return {}
+        wanted = set(keys)
+        return {key: value for key, value in zip(table.column("key").to_pylist(),
+                                                 table.column("value").to_pylist(), strict=True)
+                if key in wanted}
+
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The cached values of those `keys` that are present; counts hits and misses."""
         keys = list(keys)
+        found: dict[str, Any] = {}
         with self._lock:
             self._refresh()
-            found = {k: json.loads(self._index[k]) for k in keys if k in self._index}
+            for segment, held in self._index.find(keys).items():
+                for key, value in self._values(segment, held).items():
+                    found[key] = json.loads(value)
         self.hits += len(found)
         self.misses += len(keys) - len(found)
         return found
@@ -145,9 +226,7 @@ class ContentCache:
         else:
             self.fs.pipe_file(final, data)
         with self._lock:
-            for key, value in zip(entries, values, strict=True):
-                self._index.setdefault(key, value)
-            self._loaded.add(final)
+            self._add_segment(final, list(entries))
             self.writes += len(entries)
 
     def __len__(self) -> int:
