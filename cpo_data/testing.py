@@ -119,8 +119,9 @@ def _save_seq2seq(model, tokenizer, path, decoder_start: int):
 
 
 def build_tiny_causal_lm(path, seed: int = 0, hidden_size: int = 32, layers: int = 2,
-                         chat_template: bool = False):
-    """A Llama-architecture causal LM with random weights, saved as an ordinary HF folder."""
+                         chat_template: bool = False, tie_word_embeddings: bool = False):
+    """A Llama-architecture causal LM with random weights, saved as an ordinary HF folder
+    (`tie_word_embeddings`: the head shares the input embeddings, as Llama 3.2 1B's does)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -135,7 +136,7 @@ def build_tiny_causal_lm(path, seed: int = 0, hidden_size: int = 32, layers: int
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

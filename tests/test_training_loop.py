@@ -258,10 +258,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(model_dir, triplets, tmp
         def hook(module, inputs, output):
             forwards.append(1)
             if len(forwards) == 3:  # the third step (one forward pass per step)
-                output.logits = output.logits * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
 
-        model.register_forward_hook(hook)
+        # On the decoder, which both ways of computing log-probabilities run.
+        model.get_base_model().get_decoder().register_forward_hook(hook)
         return model
 
     monkeypatch.setattr(loop, "load_model", poisoned)

@@ -32,6 +32,7 @@ from cpo_data.project import (
     read_project,
     with_prompt,
 )
+from training.chunked import DEFAULT_CHUNK_TOKENS
 from training.losses import CPO_LOSS_TYPES
 
 LOSSES = ("cpo", "orpo", "dpo")
@@ -233,6 +234,11 @@ class TrainConfig:
     number of processes, when torchrun or accelerate launch starts several)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more time."""
+    logps_chunk_tokens: int | None = field(default=DEFAULT_CHUNK_TOKENS, metadata=RESUME_FREE)
+    """Positions per LM-head chunk: only the positions a loss term needs go through the head,
+    this many at a time, so no [tokens, vocabulary] logits of the whole batch exist
+    (training/chunked.py). null: full logits (the earlier path). Free on resume: it changes
+    memory, not results."""
     precision: str = "auto"
     """auto (bf16 autocast on GPUs that support it, else fp32), bf16, fp32, or fp64 (float64
     weights and arithmetic: for checking that two ways of computing a step agree; slow)."""
@@ -275,6 +281,8 @@ class TrainConfig:
         if self.label_smoothing and self.loss_type != "sigmoid":
             _fail("label_smoothing", "applies to loss_type sigmoid only")
         _check_at_least(self, 1, "batch_size", "gradient_accumulation_steps", "processes")
+        if self.logps_chunk_tokens is not None:
+            _check_at_least(self, 1, "logps_chunk_tokens")
         if isinstance(self.report_to, str):
             _fail("report_to", f"expected a list, e.g. [{self.report_to}]")
         for i, name in enumerate(self.report_to):

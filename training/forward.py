@@ -6,13 +6,17 @@ Shared by the training loop and the held-out evaluation, so both measure the sam
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, fields
 
 import torch
 
+from training.chunked import chunkable, selected_token_logps
 from training.config import TrainConfig
 from training.data import IGNORE
 from training.losses import LossOutput, chosen_nll, cpo_loss, dpo_loss, orpo_loss, token_logps
+
+log = logging.getLogger("cpo_data.training")
 
 
 @dataclass
@@ -50,6 +54,19 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def head_chunk(model, config: TrainConfig) -> int | None:
+    """Positions per LM-head chunk for this model (`train.logps_chunk_tokens`), or None for
+    full logits: when the setting is null, or the model's head cannot be chunked (said once)."""
+    if config.logps_chunk_tokens is None:
+        return None
+    why = chunkable(model)
+    if why is not None:
+        log.warning("computing full logits: %s (logps_chunk_tokens needs a plain linear head)",
+                    why)
+        return None
+    return config.logps_chunk_tokens
+
+
 def nll_tokens(batch: dict[str, torch.Tensor], full_sequence: bool) -> int:
     """Tokens the NLL term averages over in this batch (chosen rows are the first half)."""
     pairs = batch["input_ids"].shape[0] // 2
@@ -59,10 +76,13 @@ def nll_tokens(batch: dict[str, torch.Tensor], full_sequence: bool) -> int:
 
 
 def forward_logps(model, batch: dict[str, torch.Tensor], full_sequence_nll: bool,
-                  trim_logits: bool) -> Logps:
-    """Log-probabilities of a collated batch (chosen rows first, then rejected)."""
+                  trim_logits: bool, chunk: int | None = None) -> Logps:
+    """Log-probabilities of a collated batch (chosen rows first, then rejected). `chunk`:
+    positions per LM-head chunk (`training.chunked`), None for full logits."""
     labels = batch["labels"]
     pairs = labels.shape[0] // 2
+    if chunk is not None:
+        return _chunked_forward_logps(model, batch, full_sequence_nll, chunk)
     extra = {}
     if trim_logits and not full_sequence_nll:
         # The LM head over the vocabulary is the largest matrix product of a translation
@@ -84,6 +104,28 @@ def forward_logps(model, batch: dict[str, torch.Tensor], full_sequence_nll: bool
     else:
         logps, completion = token_logps(logits, labels)
         sums, counts = (logps * completion).sum(-1), completion.sum(-1)
+        nll_sum, nll_count = sums[:pairs], counts[:pairs]
+    return Logps(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:], nll_sum, nll_count)
+
+
+def _chunked_forward_logps(model, batch: dict[str, torch.Tensor], full_sequence_nll: bool,
+                           chunk: int) -> Logps:
+    """`forward_logps` with the head run only where a term needs it, in chunks."""
+    labels, attention = batch["labels"], batch["attention_mask"]
+    pairs = labels.shape[0] // 2
+    completion = labels[:, 1:] != IGNORE
+    selected = completion
+    if full_sequence_nll:
+        # Position t counts when token t + 1 is real; the chosen rows' NLL covers them all.
+        token_mask = attention[:, 1:].bool()
+        selected = completion.clone()
+        selected[:pairs] |= token_mask[:pairs]
+    logps = selected_token_logps(model, batch["input_ids"], attention, selected, chunk)
+    sums, counts = (logps * completion).sum(-1), completion.sum(-1)
+    if full_sequence_nll:
+        nll_sum = (logps * token_mask)[:pairs].sum(-1)
+        nll_count = token_mask[:pairs].sum(-1)
+    else:
         nll_sum, nll_count = sums[:pairs], counts[:pairs]
     return Logps(sums[:pairs], sums[pairs:], counts[:pairs], counts[pairs:], nll_sum, nll_count)
 
@@ -110,8 +152,9 @@ def preference_loss(config: TrainConfig, logps: Logps, reference: Logps | None =
                     nll_tokens=nll_token_count, with_metrics=with_metrics)
 
 
-def reference_logps(model, batch: dict[str, torch.Tensor], trim_logits: bool) -> Logps:
+def reference_logps(model, batch: dict[str, torch.Tensor], trim_logits: bool,
+                    chunk: int | None = None) -> Logps:
     """DPO's reference: the same weights with the LoRA adapter switched off, so no second
     copy of the model is held."""
     with torch.no_grad(), model.disable_adapter():
-        return forward_logps(model, batch, False, trim_logits)
+        return forward_logps(model, batch, False, trim_logits, chunk)

@@ -42,6 +42,7 @@ from training.errors import TrainingDiverged, TrainingError
 from training.forward import (
     accepts_logits_to_keep,
     forward_logps,
+    head_chunk,
     nll_covers_prompt,
     nll_tokens,
     preference_loss,
@@ -178,7 +179,7 @@ def _keep_metrics_until(path: Path, step: int, total_steps: int) -> None:
 
 def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
                          device: torch.device, half: torch.dtype | None,
-                         trim: bool) -> dict[str, float]:
+                         trim: bool, chunk: int | None = None) -> dict[str, float]:
     """Loss and reward metrics of held-out triplets, named `eval/...`.
 
     Several processes each measure a contiguous share and the metrics cover all of them."""
@@ -190,9 +191,9 @@ def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
         for start in range(first, stop, config.eval.batch_size):
             end = min(start + config.eval.batch_size, stop)
             batch = _to(collate(examples[start: end], pad_id), device)
-            parts.append(forward_logps(model, batch, nll_covers_prompt(config), trim))
+            parts.append(forward_logps(model, batch, nll_covers_prompt(config), trim, chunk))
             if config.loss == "dpo":
-                references.append(reference_logps(model, batch, trim))
+                references.append(reference_logps(model, batch, trim, chunk))
     model.train(was_training)
     dtype = logps_dtype(config)
     logps = distributed.gather_logps(parts, first, len(examples), device, dtype)
@@ -281,6 +282,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         _keep_metrics_until(metrics_path, start, total_steps)
 
     trim = accepts_logits_to_keep(model)
+    chunk = head_chunk(model, config)
     dtype = logps_dtype(config)
     full_nll = nll_covers_prompt(config)
     pad_id = tokenizer.pad_token_id
@@ -325,9 +327,9 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
             for batch in batches:
                 batch = _to(batch, device)
                 with _autocast(device, half):
-                    logps = forward_logps(model, batch, full_nll, trim)
-                    reference = (reference_logps(model, batch, trim) if config.loss == "dpo"
-                                 else None)
+                    logps = forward_logps(model, batch, full_nll, trim, chunk)
+                    reference = (reference_logps(model, batch, trim, chunk)
+                                 if config.loss == "dpo" else None)
                     loss = preference_loss(config, logps, reference, pairs, token_total,
                                            with_metrics=False).loss
                 loss.backward()
@@ -375,7 +377,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
             if held_examples and config.eval.every_steps and done % config.eval.every_steps == 0 \
                     and done != total_steps:
                 write_metrics({"step": done, **evaluate_preferences(
-                    model, config, held_examples, pad_id, device, half, trim)})
+                    model, config, held_examples, pad_id, device, half, trim, chunk)})
             if on_step is not None:
                 on_step(done, metrics)
         bar.close()
@@ -386,7 +388,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         eval_metrics = {}
         if held_examples:
             eval_metrics = evaluate_preferences(model, config, held_examples, pad_id, device, half,
-                                                trim)
+                                                trim, chunk)
             write_metrics({"step": total_steps, **eval_metrics})
     final = run_dir / FINAL_DIR
     if main:
