@@ -38,14 +38,14 @@ large enough for the matrix product to run at full speed on a GPU."""
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-def _base(model: Any) -> Any:
+def base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def chunkable(model: Any) -> str | None:
     """None when the model's head can be run in chunks; else why not (said once by the
     caller, which then computes full logits)."""
-    base = _base(model)
+    base = base_model(model)
     if not (hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings")):
         return f"{type(base).__name__} does not expose its decoder and head"
     if base.get_output_embeddings() is None:
@@ -110,7 +110,7 @@ def selected_token_logps(model: Any, input_ids: torch.Tensor, attention_mask: to
                          selected: torch.Tensor, chunk: int) -> torch.Tensor:
     """log p(input_ids[:, t + 1] | ...) at the positions t where `selected` [B, T - 1] is
     True, 0 elsewhere: `losses.token_logps`'s values, without full logits."""
-    base = _base(model)
+    base = base_model(model)
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                 use_cache=False).last_hidden_state
     rows = hidden[:, :-1][selected]

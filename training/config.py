@@ -239,6 +239,11 @@ class TrainConfig:
     this many at a time, so no [tokens, vocabulary] logits of the whole batch exist
     (training/chunked.py). null: full logits (the earlier path). Free on resume: it changes
     memory, not results."""
+    prompt_once: bool = field(default=True, metadata=RESUME_FREE)
+    """Run each pair as one packed sequence, prompt + chosen + rejected, so the shared prompt
+    is computed once (training/packing.py); false: chosen and rejected as two sequences.
+    Models whose attention takes no custom 4-D mask run two sequences (said once). Free on
+    resume: the same results."""
     precision: str = "auto"
     """auto (bf16 autocast on GPUs that support it, else fp32), bf16, fp32, or fp64 (float64
     weights and arithmetic: for checking that two ways of computing a step agree; slow)."""

@@ -15,6 +15,7 @@ from training.chunked import chunkable, selected_token_logps
 from training.config import TrainConfig
 from training.data import IGNORE
 from training.losses import LossOutput, chosen_nll, cpo_loss, dpo_loss, orpo_loss, token_logps
+from training.packing import pack, packable, packed_logps
 
 log = logging.getLogger("cpo_data.training")
 
@@ -67,6 +68,27 @@ def head_chunk(model, config: TrainConfig) -> int | None:
     return config.logps_chunk_tokens
 
 
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def prompt_once(model, config: TrainConfig) -> bool:
+    """Whether pairs run packed, the prompt once (`train.prompt_once`); where the model
+    cannot, the two-sequence path, said once."""
+    if not config.prompt_once:
+        return False
+    why = packable(model)
+    if why is not None:
+        _say_once(f"prompt_once: running chosen and rejected as two sequences: {why}")
+        return False
+    return True
+
+
 def nll_tokens(batch: dict[str, torch.Tensor], full_sequence: bool) -> int:
     """Tokens the NLL term averages over in this batch (chosen rows are the first half)."""
     pairs = batch["input_ids"].shape[0] // 2
@@ -76,11 +98,22 @@ def nll_tokens(batch: dict[str, torch.Tensor], full_sequence: bool) -> int:
 
 
 def forward_logps(model, batch: dict[str, torch.Tensor], full_sequence_nll: bool,
-                  trim_logits: bool, chunk: int | None = None) -> Logps:
+                  trim_logits: bool, chunk: int | None = None,
+                  prompt_once: bool = False) -> Logps:
     """Log-probabilities of a collated batch (chosen rows first, then rejected). `chunk`:
-    positions per LM-head chunk (`training.chunked`), None for full logits."""
+    positions per LM-head chunk (`training.chunked`), None for full logits; `prompt_once`:
+    each pair as one packed sequence (`training.packing`; the caller checked `packable`)."""
     labels = batch["labels"]
     pairs = labels.shape[0] // 2
+    if prompt_once:
+        packed = pack(batch, full_sequence_nll)
+        if packed is not None:
+            (chosen, chosen_n), (rejected, rejected_n), nll = packed_logps(model, packed, pairs,
+                                                                           chunk)
+            nll_sum, nll_count = nll if full_sequence_nll else (chosen, chosen_n)
+            return Logps(chosen, rejected, chosen_n, rejected_n, nll_sum, nll_count)
+        _say_once("a pair's chosen and rejected sequences do not share their prompt: such "
+                  "batches run as two sequences")
     if chunk is not None:
         return _chunked_forward_logps(model, batch, full_sequence_nll, chunk)
     extra = {}
@@ -153,8 +186,8 @@ def preference_loss(config: TrainConfig, logps: Logps, reference: Logps | None =
 
 
 def reference_logps(model, batch: dict[str, torch.Tensor], trim_logits: bool,
-                    chunk: int | None = None) -> Logps:
+                    chunk: int | None = None, prompt_once: bool = False) -> Logps:
     """DPO's reference: the same weights with the LoRA adapter switched off, so no second
     copy of the model is held."""
     with torch.no_grad(), model.disable_adapter():
-        return forward_logps(model, batch, False, trim_logits, chunk)
+        return forward_logps(model, batch, False, trim_logits, chunk, prompt_once)

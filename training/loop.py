@@ -46,6 +46,7 @@ from training.forward import (
     nll_covers_prompt,
     nll_tokens,
     preference_loss,
+    prompt_once,
     reference_logps,
 )
 from training.model import (
@@ -179,7 +180,8 @@ def _keep_metrics_until(path: Path, step: int, total_steps: int) -> None:
 
 def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
                          device: torch.device, half: torch.dtype | None,
-                         trim: bool, chunk: int | None = None) -> dict[str, float]:
+                         trim: bool, chunk: int | None = None,
+                         packed: bool = False) -> dict[str, float]:
     """Loss and reward metrics of held-out triplets, named `eval/...`.
 
     Several processes each measure a contiguous share and the metrics cover all of them."""
@@ -191,9 +193,10 @@ def evaluate_preferences(model, config: TrainConfig, examples, pad_id: int,
         for start in range(first, stop, config.eval.batch_size):
             end = min(start + config.eval.batch_size, stop)
             batch = _to(collate(examples[start: end], pad_id), device)
-            parts.append(forward_logps(model, batch, nll_covers_prompt(config), trim, chunk))
+            parts.append(forward_logps(model, batch, nll_covers_prompt(config), trim, chunk,
+                                       packed))
             if config.loss == "dpo":
-                references.append(reference_logps(model, batch, trim, chunk))
+                references.append(reference_logps(model, batch, trim, chunk, packed))
     model.train(was_training)
     dtype = logps_dtype(config)
     logps = distributed.gather_logps(parts, first, len(examples), device, dtype)
@@ -283,6 +286,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
 
     trim = accepts_logits_to_keep(model)
     chunk = head_chunk(model, config)
+    packed = prompt_once(model, config)
     dtype = logps_dtype(config)
     full_nll = nll_covers_prompt(config)
     pad_id = tokenizer.pad_token_id
@@ -327,8 +331,8 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
             for batch in batches:
                 batch = _to(batch, device)
                 with _autocast(device, half):
-                    logps = forward_logps(model, batch, full_nll, trim, chunk)
-                    reference = (reference_logps(model, batch, trim, chunk)
+                    logps = forward_logps(model, batch, full_nll, trim, chunk, packed)
+                    reference = (reference_logps(model, batch, trim, chunk, packed)
                                  if config.loss == "dpo" else None)
                     loss = preference_loss(config, logps, reference, pairs, token_total,
                                            with_metrics=False).loss
@@ -377,7 +381,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
             if held_examples and config.eval.every_steps and done % config.eval.every_steps == 0 \
                     and done != total_steps:
                 write_metrics({"step": done, **evaluate_preferences(
-                    model, config, held_examples, pad_id, device, half, trim, chunk)})
+                    model, config, held_examples, pad_id, device, half, trim, chunk, packed)})
             if on_step is not None:
                 on_step(done, metrics)
         bar.close()
@@ -388,7 +392,7 @@ def train(config: TrainConfig, rows: Sequence[dict], run_dir: str | Path, *,
         eval_metrics = {}
         if held_examples:
             eval_metrics = evaluate_preferences(model, config, held_examples, pad_id, device, half,
-                                                trim, chunk)
+                                                trim, chunk, packed)
             write_metrics({"step": total_steps, **eval_metrics})
     final = run_dir / FINAL_DIR
     if main:
