@@ -325,3 +325,24 @@ def test_learning_rate_warms_up_then_follows_the_schedule(model_dir, triplets, t
     rates = [m["learning_rate"] for m in step_metrics(tmp_path / "run")]
     expected = [0.0, 0.5e-3] + [1e-3 * after_warm_up(k) for k in range(2, 8)]
     assert rates == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["cpo", "orpo", "dpo"])
+def test_the_lean_paths_give_the_earlier_paths_step(model_dir, triplets, tmp_path, loss):
+    """The LM head in chunks and the prompt once (the defaults) against full logits and two
+    sequences, through the loop with gradient accumulation: one step's loss, NLL, rewards and
+    gradient norm."""
+    common = dict(max_steps=1, max_grad_norm=0.0, loss=loss, precision="fp64", batch_size=2,
+                  gradient_accumulation_steps=2)
+    if loss != "dpo":
+        common["finetune"] = "full"
+    train(make_config(model_dir, **common), triplets[:4], tmp_path / "new", progress=False)
+    train(make_config(model_dir, logps_chunk_tokens=None, prompt_once=False, **common),
+          triplets[:4], tmp_path / "old", progress=False)
+    (new,), (old,) = step_metrics(tmp_path / "new"), step_metrics(tmp_path / "old")
+    assert new["tokens"] == old["tokens"]
+    for key in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+        assert new[key] == pytest.approx(old[key], rel=SAME), key
+    # The gradient's float32 roundings at Llama's RMSNorm (tests/test_chunked_logps.py,
+    # PACKED_GRADIENTS) bound its norm's difference.
+    assert new["grad_norm"] == pytest.approx(old["grad_norm"], rel=1e-6)
