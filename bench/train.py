@@ -171,14 +171,17 @@ def _window(times: list[float], tokens: list[int], warm_up: int) -> dict:
             "seconds_per_step": round(seconds / (last - warm_up), 5)}
 
 
-SIDES = ("ours", "ours-full", "trl")
-"""ours: the loop as configured by default (the LM head in chunks, `logps_chunk_tokens`);
-ours-full: the same loop computing full logits (`logps_chunk_tokens: null`, the earlier path);
-trl: TRL's CPOTrainer."""
+SIDES = ("ours", "ours-two", "ours-full", "trl")
+"""ours: the loop as configured by default (the LM head in chunks, `logps_chunk_tokens`, and
+the prompt once per pair, `prompt_once`); ours-two: chunked, chosen and rejected as two
+sequences (`prompt_once: false`); ours-full: the loop before either (full logits, two
+sequences); trl: TRL's CPOTrainer."""
+OURS = {"ours": {}, "ours-two": {"prompt_once": False},
+        "ours-full": {"prompt_once": False, "logps_chunk_tokens": None}}
 
 
 def run_ours(args: argparse.Namespace, rows: list[dict], work: Path,
-             chunked: bool = True) -> dict:
+             side: str = "ours") -> dict:
     # What train() imports on first use, imported here as TRL's side imports its libraries
     # before its clock starts: the whole call then counts the same things on both sides.
     import peft  # noqa: F401
@@ -208,7 +211,7 @@ def run_ours(args: argparse.Namespace, rows: list[dict], work: Path,
                                   max_steps=args.steps),
         lengths=LengthSettings(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH),
         batch_size=args.batch_size, gradient_accumulation_steps=1, precision=args.precision,
-        device=device, seed=args.seed, **({} if chunked else {"logps_chunk_tokens": None}),
+        device=device, seed=args.seed, **OURS[side],
         checkpoints=CheckpointSettings(every_steps=0, resume=False), eval=EvalConfig(held_out=0))
     ends: list[float] = []
 
@@ -356,7 +359,7 @@ def worker(args: argparse.Namespace) -> None:
         if args.worker == "trl":
             result = run_trl(args, rows, Path(folder))
         else:
-            result = run_ours(args, rows, Path(folder), chunked=args.worker == "ours")
+            result = run_ours(args, rows, Path(folder), args.worker)
     result["peak_rss_mb"] = round(_rss_mb(), 1)
     if _device(args.device).startswith("cuda"):
         result["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -407,7 +410,7 @@ def spawn(side: str, args: argparse.Namespace, model: Path, rows: Path, out: Pat
 
 
 def compare_ours(chunked: dict, full: dict) -> dict:
-    """The chunked head against full logits, both ours: same loss, less memory."""
+    """One of our paths against another: the same losses, and the speed and memory ratios."""
     compared = {
         "max_abs_loss_diff_all_steps": max(abs(a - b) for a, b in
                                            zip(chunked["losses"], full["losses"], strict=True)),
@@ -460,12 +463,16 @@ def table(runs: list[dict]) -> str:
                      f"{c['peak_rss_ratio']:.3f}x{cuda}; whole call TRL/ours "
                      f"{c['whole_call_ratio']:.3f}x; first loss |diff| "
                      f"{c['first_loss_abs_diff']:.2e} (rel {c['first_loss_rel_diff']:.2e})")
-        if "chunked_vs_full" in run:
-            c = run["chunked_vs_full"]
-            cuda = f", CUDA peak {c['peak_cuda_ratio']:.3f}x" if "peak_cuda_ratio" in c else ""
-            lines.append(f"    ours/ours-full: tokens/s {c['tokens_per_second_ratio']:.3f}x, "
-                         f"peak RSS {c['peak_rss_ratio']:.3f}x{cuda}; max |loss diff| "
-                         f"{c['max_abs_loss_diff_all_steps']:.2e}")
+        for key, label in (("prompt_once_vs_two", "ours/ours-two"),
+                           ("chunked_vs_full", "ours-two/ours-full")):
+            if key in run:
+                c = run[key]
+                cuda = (f", CUDA peak {c['peak_cuda_ratio']:.3f}x" if "peak_cuda_ratio" in c
+                        else "")
+                lines.append(f"    {label}: tokens/s {c['tokens_per_second_ratio']:.3f}x, "
+                             f"peak RSS {c['peak_rss_ratio']:.3f}x{cuda}; max |loss diff| "
+                             f"{c['max_abs_loss_diff_all_steps']:.2e}")
+        if "compare_full" in run:
             c = run["compare_full"]
             lines.append(f"    ours-full/TRL: tokens/s {c['tokens_per_second_ratio']:.3f}x, "
                          f"peak RSS {c['peak_rss_ratio']:.3f}x")
@@ -530,7 +537,10 @@ def main() -> None:
             run["compare"] = compare(run["ours"], run["trl"], args.precision)
             if "ours-full" in run:
                 run["compare_full"] = compare(run["ours-full"], run["trl"], args.precision)
-                run["chunked_vs_full"] = compare_ours(run["ours"], run["ours-full"])
+            if "ours-two" in run:
+                run["prompt_once_vs_two"] = compare_ours(run["ours"], run["ours-two"])
+                if "ours-full" in run:
+                    run["chunked_vs_full"] = compare_ours(run["ours-two"], run["ours-full"])
             runs.append(run)
 
     print(table(runs), file=sys.stderr)
