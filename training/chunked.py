@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_TOKENS = 512
+DEFAULT_CHUNK_TOKENS = 256
 """Positions per head chunk: with a 128256-token vocabulary a float32 chunk of logits is
-263 MB (its log-softmax and gradient as much again), small against a 1B model's step yet
-large enough for the matrix product to run at full speed on a GPU."""
+131 MB (a frozen linear head needs no second one), small against a 1B model's step yet
+large enough (256 x hidden x vocabulary) for the matrix product to run at full speed on a
+GPU."""
 
 # Config attributes of heads that are not a plain linear map over the hidden state.
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -65,6 +66,30 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor,
     return -F.cross_entropy(wide, targets, reduction="none")
 
 
+def _linear_chunk(head: torch.nn.Linear, rows: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain linear head's log-probabilities of `targets` and their gradient with respect to
+    `rows`, with one [rows, vocabulary] buffer: the logits become the softmax in place, and
+    d log p / d logits = onehot - softmax. The same arithmetic as log-softmax and its backward
+    (under autocast the same dtypes: the product in the autocast dtype, the softmax in at
+    least float32), without autograd's second and third copies."""
+    logits = F.linear(rows, head.weight, head.bias)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    del logits  # a half-precision product's buffer, where `wide` is a float32 copy
+    wide = wide.sub_(wide.amax(-1, keepdim=True))
+    index = torch.arange(len(targets), device=wide.device)
+    chosen = wide[index, targets]
+    total = wide.exp_().sum(-1)
+    logps = chosen - total.log()
+    softmax = wide.div_(total.unsqueeze(-1))
+    softmax[index, targets] -= 1  # softmax - onehot: minus the gradient of log p
+    weight = head.weight
+    dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(
+        rows.device.type) else torch.promote_types(rows.dtype, weight.dtype)
+    grads = -(softmax.to(dtype) @ weight.to(dtype))
+    return logps, grads.to(rows.dtype)
+
+
 class _FrozenHeadLogps(torch.autograd.Function):
     """Chunked log-probabilities through a head that does not train; see the module's doc."""
 
@@ -73,10 +98,14 @@ class _FrozenHeadLogps(torch.autograd.Function):
                 chunk: int) -> torch.Tensor:
         logps, grads = [], []
         for start in range(0, hidden.shape[0], chunk):
-            with torch.enable_grad():
-                rows = hidden[start:start + chunk].detach().requires_grad_(True)
-                values = _chunk_logps(head, rows, targets[start:start + chunk])
-                (grad,) = torch.autograd.grad(values.sum(), rows)
+            rows, wanted = hidden[start:start + chunk].detach(), targets[start:start + chunk]
+            if type(head) is torch.nn.Linear:  # exactly: a subclass may do more
+                values, grad = _linear_chunk(head, rows, wanted)
+            else:  # a wrapped head (a frozen adapter): its own backward pass, per chunk
+                with torch.enable_grad():
+                    rows = rows.requires_grad_(True)
+                    values = _chunk_logps(head, rows, wanted)
+                    (grad,) = torch.autograd.grad(values.sum(), rows)
             logps.append(values.detach())
             grads.append(grad)
         ctx.save_for_backward(torch.cat(grads))
