@@ -8,9 +8,10 @@
 # Rows (see bench/README.md, "GPU rows"):
 #   generate   bench/generate.py as it is: its generator's device and dtype are `auto`, so on
 #              a GPU it runs there in bf16; batched against one source at a time.
-#   train      bench/train.py --preset 1b --device cuda: our loop (LM head in chunks, and with
-#              full logits) against TRL's CPOTrainer on a Llama-3.2-1B-shaped model (vocabulary
-#              128256, random weights, bf16, LoRA), one run of each; torch.cuda peak and tokens/s.
+#   train      bench/train.py --preset 1b --device cuda: our loop (LM head in chunks with the
+#              prompt once; with two sequences; the earlier full-logits loop) against TRL's
+#              CPOTrainer on a Llama-3.2-1B-shaped model (vocabulary 128256, random weights,
+#              bf16, LoRA), one run of each: torch.cuda.max_memory_allocated and tokens/s.
 #   score_*    bench/score.py at each dtype against predict(), once it takes --device and
 #              --dtype (it does not yet: the row then says so instead of running).
 # bench/build.py and bench/rebuild.py measure Prefect's and the caches' costs on CPU: no GPU row.
@@ -76,7 +77,8 @@ if [ "$CHECK" = 1 ]; then
 else
   # 512 sources x 4 beams, 16 new tokens: the CPU rows' size, so the two compare.
   run generate 90 "$PY" bench/generate.py --sources 512 --max-new-tokens 16
-  # 30 steps of 4 pairs, each of the three sides (ours, ours-full, trl) in its own process.
+  # 30 steps of 4 pairs, each of the four sides (ours, ours-two, ours-full, trl) in its own
+  # process.
   run train 240 "$PY" bench/train.py --preset 1b --device "$DEVICE" --steps 30 \
     --repeats 1 --quiet-wait 10
 fi
