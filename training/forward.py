@@ -57,7 +57,7 @@ def accepts_logits_to_keep(model) -> bool:
 
 def head_chunk(model, config: TrainConfig) -> int | None:
     """Positions per LM-head chunk for this model (`train.logps_chunk_tokens`), or None for
-    full logits: when the setting is null, or the model's head cannot be chunked (said once)."""
+    full logits: when the setting is null, or the model's head cannot be chunked (a warning)."""
     if config.logps_chunk_tokens is None:
         return None
     why = chunkable(model)
