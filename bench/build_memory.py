@@ -54,6 +54,15 @@ def write_project(folder: Path, n: int, shard_size: int) -> Path:
     return path
 
 
+def _vm_hwm_mb() -> float:
+    """This process's own peak resident set (its address space's high-water mark)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def child(path: str, how: str) -> None:
     """One build (in this fresh process); prints its summary's counts and the peak RSS."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,7 +82,9 @@ def child(path: str, how: str) -> None:
         summary = dataclasses.asdict(build.run_build(load_project(path).need_build()))
     print(json.dumps({
         "seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent, so a
+        # child forked while this script held a million source rows read that as its peak.
+        "peak_rss_mb": _vm_hwm_mb(),
         "triplets": summary["triplets"], "sources": summary["sources"],
         "shards": summary["shards"]}))
 
