@@ -429,17 +429,23 @@ def sample(rows: list[dict], count: int = SAMPLE_PAIRS) -> list[dict]:
     return [scored[i] for i in picks]
 
 
-def _pick(ordered: Any, count: int, ties: dict[float, list[dict]]) -> list[dict]:
-    """`sample`'s picks by rank in `ordered` (a pair's margins, sorted), from the rows kept
-    for the margins the picks land on (`ties`, each margin's rows)."""
+def _pick_ranks(ordered: Any, count: int) -> list[tuple[float, int]]:
+    """`sample`'s picks in `ordered` (a pair's margins, sorted), each as its margin and its
+    place among that margin's rows in id order."""
     import numpy as np
 
-    picked = []
+    picks = []
     for rank in sorted({round(i * (len(ordered) - 1) / (count - 1)) for i in range(count)}):
         margin = float(ordered[rank])
-        below = int(np.searchsorted(ordered, margin, side="left"))
-        picked.append(sorted(ties[margin], key=lambda r: r["id"])[rank - below])
-    return picked
+        picks.append((margin, rank - int(np.searchsorted(ordered, margin, side="left"))))
+    return picks
+
+
+def _pick(ordered: Any, count: int, ties: dict[float, list[dict]]) -> list[dict]:
+    """`sample`'s picks by rank in `ordered`, from the rows kept for the margins the picks land
+    on (`ties`, each margin's rows with the smallest ids)."""
+    return [sorted(ties[margin], key=lambda r: r["id"])[place]
+            for margin, place in _pick_ranks(ordered, count)]
 
 
 def samples(triplets: Any, facts: dict[str, PairFacts], count: int = SAMPLE_PAIRS,
@@ -452,8 +458,14 @@ def samples(triplets: Any, facts: dict[str, PairFacts], count: int = SAMPLE_PAIR
 
     ordered = {p: np.sort(np.frombuffer(f.margins, dtype=np.float64)) if f.margins
                else np.empty(0) for p, f in facts.items()}
-    targets = {p: {float(m[round(i * (len(m) - 1) / (count - 1))]) for i in range(count)}
-               for p, m in ordered.items() if len(m) > count}
+    # margin -> how many of its rows (the smallest ids) a pick can reach: a margin that many
+    # pairs share (chrF's 100, or one text scored the same in every cycle) keeps only those
+    targets: dict[str, dict[float, int]] = {}
+    for p, m in ordered.items():
+        if len(m) > count:
+            for margin, place in _pick_ranks(m, count):
+                reach = targets.setdefault(p, {})
+                reach[margin] = max(reach.get(margin, 0), place + 1)
     few = {p for p, m in ordered.items() if len(m) <= count and facts[p].triplets}
     wanted = pa.array(sorted({m for values in targets.values() for m in values}), pa.float64())
     kept: dict[str, list[dict]] = {p: [] for p in few}
@@ -473,7 +485,12 @@ def samples(triplets: Any, facts: dict[str, PairFacts], count: int = SAMPLE_PAIR
                                   key=lambda r: r["id"])
                 kept[pair] = scored + unscored[:count]  # only the first ids can be picked
             elif pair in ties and row["margin"] in targets[pair]:
-                ties[pair].setdefault(row["margin"], []).append(row)
+                reach = targets[pair][row["margin"]]
+                rows = ties[pair].setdefault(row["margin"], [])
+                rows.append(row)
+                if len(rows) >= 2 * reach + BATCH_ROWS // 64:  # trimmed now and then, not per row
+                    rows.sort(key=lambda r: r["id"])
+                    del rows[reach:]
     found = {p: sample(rows, count) for p, rows in kept.items()}
     found.update({p: _pick(ordered[p], count, ties[p]) for p in targets})
     return found

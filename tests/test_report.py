@@ -487,3 +487,23 @@ def test_the_page_read_in_batches_equals_the_page_read_whole(seed):
     for pair, picked in report.samples(table, facts, batch_rows=5).items():
         expected = report.sample([r for r in rows if r["lang_pair"] == pair])
         assert [r["id"] for r in picked] == [r["id"] for r in expected] and len(picked) == 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_margin_many_pairs_share_keeps_only_the_rows_a_pick_reaches(seed):
+    """The sample's second pass trims each tied margin's rows to the smallest ids a pick can
+    reach (so a margin shared by a million pairs does not keep a million rows): with 900
+    rows on three margins, far past the trim point, it still picks what `sample` picks from
+    all the rows."""
+    import random
+
+    rng = random.Random(seed)
+    rows = sample_triplets(rows_per_pair=900, pairs=("de-en",), seed=seed).to_pylist()
+    for row in rows:
+        row["margin"] = rng.choice([0.1, 0.2, 0.2, 0.3])
+    rng.shuffle(rows)
+    table = pa.Table.from_pylist(rows, schema=schema.TRIPLETS)
+    facts = report.gather(table, None, batch_rows=50)
+    picked = report.samples(table, facts, batch_rows=50)["de-en"]
+    assert [r["id"] for r in picked] == [r["id"] for r in report.sample(rows)]
+    assert len(picked) == report.SAMPLE_PAIRS
