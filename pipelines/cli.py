@@ -135,9 +135,28 @@ def _temporary_server():
     server.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
+            try:
+                yield
+            finally:
+                _send_pending()
     finally:
         server.stop()
+
+
+PENDING_SEND_WAIT_S = 30
+
+
+def _send_pending() -> None:
+    """Send the run logs and events still queued to the server, while it is up.
+
+    Prefect sends them in batches (every 2 s) and otherwise only at interpreter exit, by when
+    the temporary server is gone: the exit then retried each batch against a closed port, a
+    minute or more (14 minutes after a 10k-source build) before "Error logging to API"."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=PENDING_SEND_WAIT_S)
 
 
 def temporary_server_settings(settings) -> dict:  # noqa: ANN001 - Prefect's Settings

@@ -2,6 +2,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,36 @@ def test_console_script_runs_the_demo_and_leaves_no_server_behind(tmp_path):
     assert "Error logging to API" not in result.stderr
     # Prefect's temporary server was started under this PREFECT_HOME; none may outlive us.
     assert processes_with_env(f"PREFECT_HOME={home}") == []
+
+
+@pytest.mark.slow  # a Prefect server start
+def test_a_flow_s_last_log_lines_reach_the_temporary_server_before_it_stops(tmp_path):
+    """Run logs still queued when the block ends are sent while the server is up, not at
+    exit against a closed port. A 60 s batch interval keeps the flow's line in the queue
+    until then; the server's own database must hold it afterwards."""
+    import sqlite3
+
+    home = tmp_path / "prefect-home"
+    script = textwrap.dedent("""
+        from prefect import flow, get_run_logger
+        from pipelines.cli import _prefect_server
+
+        @flow
+        def speak():
+            get_run_logger().info("the flow's last line")
+
+        with _prefect_server():
+            speak()
+    """)
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_LOGGING_TO_API_BATCH_INTERVAL="60")
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Error logging to API" not in result.stderr
+    with sqlite3.connect(home / "prefect.db") as db:
+        messages = [m for (m,) in db.execute("select message from log")]
+    assert "the flow's last line" in messages
 
 
 @pytest.mark.slow  # a second or two: a project load and Prefect's settings, per case
