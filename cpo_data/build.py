@@ -32,7 +32,7 @@ from cpo_data.generate import (
     GenerateReport,
     generate_candidates,
 )
-from cpo_data.identity import generator_identity, scorer_identity
+from cpo_data.identity import endpoint_identity, generator_identity, scorer_identity
 from cpo_data.report import REPORT_FILE
 from cpo_data.report import attachment as report_page
 from cpo_data.score import ScoreReport, Scores, score_candidates
@@ -51,6 +51,11 @@ def check_build(config: BuildConfig, scan: sources.Scan) -> None:
     for i, model in enumerate(config.generate.models):
         if _missing_local(model.model):
             raise ConfigError(f"generate.models[{i}].model: {model.model} does not exist")
+    for i, endpoint in enumerate(config.generate.endpoints):
+        try:
+            endpoint.api_key()
+        except ConfigError as error:
+            raise ConfigError(f"generate.endpoints[{i}].{error}") from None
     for i, scorer in enumerate(config.score.scorers):
         if scorer.model and _missing_local(scorer.model):
             raise ConfigError(f"score.scorers[{i}].model: {scorer.model} does not exist")
@@ -116,6 +121,7 @@ def stage_inputs(config: BuildConfig) -> dict[str, Any]:
             "include_reference": generate.include_reference,
             "reference_name": generate.reference_name,
             "models": [{"name": m.name, **generator_identity(m)} for m in generate.models],
+            "endpoints": [{"name": e.name, **endpoint_identity(e)} for e in generate.endpoints],
         },
         "score": {
             "scorers": [{"name": s.name, **scorer_identity(s)} for s in score.scorers],
@@ -136,9 +142,11 @@ def generate_shard(shard: pa.Table, config: BuildConfig) -> Candidates:
     on its first cache miss and stays loaded in this process for its next shards, until a
     scorer loads on its device."""
     from cpo_data.backends import loaded
+    from cpo_data.backends.openai_generate import load_endpoint
 
     with loaded.in_use:
         generators = [loaded.LazyGenerator(m) for m in config.generate.models]
+        generators += [load_endpoint(e) for e in config.generate.endpoints]
         return generate_candidates(shard, config.generate, generators, check_systems=False)
 
 
@@ -245,6 +253,9 @@ class BuildSummary:
     workers: dict[str, int] = field(default_factory=dict)
     """Shard tasks (generate, score) run in this build, per process (host:pid): the flow's
     own, or each Dask worker's. Work an earlier run left is not counted."""
+    requests: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per served model (`generate.endpoints`), in this run: requests sent, retried, failed,
+    and the prompt and completion tokens they cost."""
 
 
 @dataclass(frozen=True)
@@ -382,6 +393,8 @@ def add_shard(run: BuildRun, generated: GenerateReport, scored: ScoreReport,
         _add(summary.truncated.setdefault("score", {}), scored.truncated)
     if generated_now:
         _add(summary.generated, generated.generated)
+        for name, counts in generated.requests.items():
+            _add(summary.requests.setdefault(name, {}), counts)
         _add(summary.generated_from_cache, generated.from_cache)
         if generated_on:
             _add(summary.workers, {generated_on: 1})
@@ -540,6 +553,7 @@ def select_and_publish(run: BuildRun, held: locks.Held | None = None) -> BuildSu
             "scorers": run.weights["score"],
             "ingestion": summary.ingestion,
             "truncated": summary.truncated,
+            "requests": summary.requests,
             "length_windows": context.windows,
             "vetoes": dict(tally.vetoed),
             # How often the ranking score agrees with the sources' human labels (the report's).

@@ -36,6 +36,7 @@ import json
 import logging
 import posixpath
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -271,3 +272,63 @@ def cached_compute(
         if cache is not None:
             cache.put_many({k: to_json(v) for k, v in fresh.items()})
     return [fresh[k] if k in fresh else from_json(cached[k]) for k in keys], len(missing)
+
+
+SAVE_EVERY = 256
+"""`cached_compute_each` stores its values in segments of this many, or"""
+SAVE_AFTER_S = 10.0
+"""after this many seconds since the last store, whichever comes first: a run killed mid-way
+loses at most that much work, and a million requests make a few thousand segments."""
+
+
+def cached_compute_each(
+    cache: ContentCache | None,
+    items: Sequence[Item],
+    key: Callable[[Item], str],
+    compute_each: Callable[[list[Item], Callable[[int, Value], None]], None],
+    to_json: Callable[[Value], Any],
+    from_json: Callable[[Any], Value],
+    keep: Callable[[Value], bool] = lambda value: True,
+) -> tuple[list[Value], int]:
+    """`cached_compute` for a computation that hands its values over one at a time as they
+    come (`compute_each(missing, done)` calls `done(index into missing, value)` once per
+    item, in any order), such as requests to a paid API: values are stored as they arrive
+    (`SAVE_EVERY`, `SAVE_AFTER_S`) and what arrived is stored when `compute_each` raises, so a
+    rerun never pays for a value twice. Values `keep` refuses (a request that failed) are
+    returned but not stored. Items with one key are computed once."""
+    keys = [key(item) for item in items]
+    cached = cache.get_many(set(keys)) if cache is not None else {}
+    missing: dict[str, Item] = {}
+    for item, k in zip(items, keys, strict=True):
+        if k not in cached:
+            missing.setdefault(k, item)
+    order = list(missing)
+    fresh: dict[str, Value] = {}
+    pending: dict[str, Any] = {}
+    last_save = time.monotonic()
+
+    def save() -> None:
+        nonlocal last_save
+        if cache is not None and pending:
+            cache.put_many(dict(pending))
+        pending.clear()
+        last_save = time.monotonic()
+
+    def done(index: int, value: Value) -> None:
+        k = order[index]
+        if k in fresh:
+            raise ValueError(f"a second value for item {index}")
+        fresh[k] = value
+        if cache is not None and keep(value):
+            pending[k] = to_json(value)
+            if len(pending) >= SAVE_EVERY or time.monotonic() - last_save >= SAVE_AFTER_S:
+                save()
+
+    try:
+        if order:
+            compute_each([missing[k] for k in order], done)
+    finally:
+        save()
+    if len(fresh) != len(order):
+        raise ValueError(f"{len(fresh)} results for {len(order)} items")
+    return [fresh[k] if k in fresh else from_json(cached[k]) for k in keys], len(order)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 # The score stage's configs are written in their own module (its docstring says why); they are
 # re-exported, so this module stays the one place every stage's config is imported from.
+from cpo_data.config_endpoint import EndpointConfig as EndpointConfig
 from cpo_data.config_guards import GuardsConfig as GuardsConfig
 from cpo_data.config_score import BLEU_TOKENIZERS as BLEU_TOKENIZERS
 from cpo_data.config_score import SCORER_KINDS as SCORER_KINDS
@@ -192,13 +193,15 @@ class GenerateConfig:
     """System name the reference carries when it is a candidate."""
     models: tuple[GeneratorConfig, ...] = ()
     """Hugging Face models that generate candidates."""
+    endpoints: tuple[EndpointConfig, ...] = ()
+    """Served models (OpenAI-compatible chat completions) that generate candidates."""
     cache_dir: str | None = field(default=None, metadata=FILE)
     """Generation cache (local path or fsspec URI); null turns caching off."""
 
     def __post_init__(self) -> None:
-        names = [m.name for m in self.models]
+        names = [m.name for m in self.models] + [e.name for e in self.endpoints]
         if len(set(names)) != len(names):
-            _fail("models", f"system names must be distinct, got {names}")
+            _fail("models", f"system names must be distinct (models and endpoints), got {names}")
         if self.reference_name in names:
             _fail("reference_name", f"{self.reference_name!r} is also a model's name")
 

@@ -17,19 +17,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
 from cpo_data import schema
-from cpo_data.cache import cached_compute, identity_key, open_cache
+from cpo_data.cache import cached_compute, cached_compute_each, identity_key, open_cache
 from cpo_data.config import GenerateConfig
 from cpo_data.drops import Drops
 from cpo_data.errors import UserError
 
 EMPTY_OUTPUT = "empty_output"
+REQUEST_FAILED = "request_failed"
+"""A served model's request that failed for good: that source lacks its candidate."""
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class Generated:
     stopped_at_limit: list[bool] | None = None
     """Per text: the generation ran to `max_new_tokens` without ending. None: not known (a
     generator that does not say, or a cache entry written before the flag existed)."""
+    failed: str | None = None
+    """Why a served model's request failed for good (the status and the server's message);
+    then there are no texts, and nothing is cached."""
 
 
 class Generator(Protocol):
@@ -73,6 +78,21 @@ class Generator(Protocol):
         ...
 
 
+@runtime_checkable
+class StreamingGenerator(Generator, Protocol):
+    """A generator whose candidates arrive one source at a time (requests to a server): each
+    is cached as it comes, so a run killed mid-way never pays for a candidate twice."""
+
+    def generate_each(self, requests: Sequence[Request],
+                      done: Callable[[int, Generated], None]) -> None:
+        """Call `done(index, candidates)` once per request, as each finishes, in any order."""
+        ...
+
+    def request_counts(self) -> dict[str, int]:
+        """What this object's requests did: sent, retried, failed, and the tokens."""
+        ...
+
+
 @dataclass
 class GenerateReport:
     """What the candidates stage did, per system."""
@@ -85,6 +105,8 @@ class GenerateReport:
     """Sources served from the cache, per system."""
     truncated: dict[str, int] = field(default_factory=dict)
     """Sources cut to the model's limit, per system."""
+    requests: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per served model: requests sent, retried, failed, prompt and completion tokens."""
     empty_outputs: int = 0
     merged_duplicates: int = 0
     """Candidate texts that another system of the same source already produced."""
@@ -110,12 +132,19 @@ def _run_generator(generator: Generator, requests: list[Request], cache_dir: str
                    report: GenerateReport) -> list[Generated]:
     name = generator.name
     cache = open_cache(cache_dir, "generate", generator.identity) if cache_dir else None
-    results, generated = cached_compute(
-        cache, requests, request_key, generator.generate,
-        to_json=lambda g: {"texts": g.texts, "truncated": g.truncated,
-                           "stopped_at_limit": g.stopped_at_limit},
-        from_json=lambda value: Generated(**value),  # older entries lack stopped_at_limit
-    )
+    to_json = lambda g: {"texts": g.texts, "truncated": g.truncated,  # noqa: E731
+                         "stopped_at_limit": g.stopped_at_limit}
+    from_json = lambda value: Generated(**value)  # noqa: E731 - older entries lack stopped_at_limit
+    if isinstance(generator, StreamingGenerator):
+        try:
+            results, generated = cached_compute_each(
+                cache, requests, request_key, generator.generate_each, to_json, from_json,
+                keep=lambda g: g.failed is None)
+        finally:
+            report.requests[name] = generator.request_counts()
+    else:
+        results, generated = cached_compute(cache, requests, request_key, generator.generate,
+                                            to_json, from_json)
     report.generated[name] = generated
     report.from_cache[name] = len(requests) - generated
     report.truncated[name] = sum(g.truncated for g in results)
@@ -225,6 +254,10 @@ def generate_candidates(
         key = identity_key(generator.identity)
         results = _run_generator(generator, requests, config.cache_dir, report)
         for row, result in zip(rows, results, strict=True):
+            if result.failed is not None:
+                dropped.add(row["source_id"], row["lang_pair"], REQUEST_FAILED,
+                            f"{generator.name}: {result.failed}")
+                continue
             flags = result.stopped_at_limit or [None] * len(result.texts)
             for index, (text, stopped) in enumerate(zip(result.texts, flags, strict=True)):
                 add(row, generator.name, text, key, decoding, index, stopped)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cpo_data.config import GeneratorConfig, ScorerConfig
+from cpo_data.config_endpoint import EndpointConfig
 from cpo_data.fingerprint import (
     adapter_weights,
     hub_file,
@@ -112,6 +113,24 @@ def generator_identity(config: GeneratorConfig) -> dict[str, Any]:
         "language_tokens": language_token_scheme(config) if seq2seq else None,
         "max_source_tokens": config.max_source_tokens,
         "decoding": decoding(config),
+    }
+
+
+def endpoint_decoding(config: EndpointConfig) -> dict[str, Any]:
+    """The sampling settings a served model's requests carry."""
+    return {"n": config.n, "temperature": config.temperature, "top_p": config.top_p,
+            "max_tokens": config.max_tokens, "seed": config.seed}
+
+
+def endpoint_identity(config: EndpointConfig) -> dict[str, Any]:
+    """What decides a served model's outputs: the model name, the decoding and the prompt.
+    Not the URL (the same model may move between servers) and never the key."""
+    return {
+        "kind": config.kind,
+        "model": config.model,
+        "system_prompt": config.system_prompt or None,
+        "prompt": config.user_prompt,
+        "decoding": endpoint_decoding(config),
     }
 
 

@@ -154,6 +154,11 @@ def print_build_summary(summary: dict, rows: int) -> None:
           f"{_counts(summary['generated_from_cache'])}")
     print(f"scored now      {_counts(summary['scored'])}; from cache "
           f"{_counts(summary['scored_from_cache'])}")
+    for name, counts in summary.get("requests", {}).items():
+        print(f"requests        {name}: {counts.get('sent', 0)} sent, "
+              f"{counts.get('retried', 0)} retried, {counts.get('failed', 0)} failed; tokens "
+              f"{counts.get('prompt_tokens', 0)} prompt + "
+              f"{counts.get('completion_tokens', 0)} completion")
     if summary["systems"]:
         print("chosen/rejected " + ", ".join(f"{s['system']} {s['chosen']}/{s['rejected']}"
                                              for s in summary["systems"]))

@@ -1,0 +1,68 @@
+"""Candidates per second from a served model against `max_concurrency`: the endpoint generator
+(the real `openai` client, over HTTP) against the test chat-completions server on 127.0.0.1,
+which holds every answer for a fixed `--delay-s` (a model's latency), so the ideal rate is
+concurrency / delay. Each concurrency runs the same requests in one process, one after the
+other; the ratios are against concurrency 1. The goal (issue 20): near-linear to 32.
+
+    .venv/bin/python bench/endpoint.py [--requests 256] [--delay-s 0.2]
+                                       [--concurrency 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+from cpo_data.backends.openai_generate import EndpointGenerator
+from cpo_data.chat_server import ChatServer
+from cpo_data.config_endpoint import EndpointConfig
+from cpo_data.generate import Request
+from cpo_data.sources import source_id
+
+
+def requests(n: int) -> list[Request]:
+    texts = [f"Satz Nummer {i}: der Zug fährt um {i % 24} Uhr ab." for i in range(n)]
+    return [Request(source_id("de", "en", t), "de", "en", t) for t in texts]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--delay-s", type=float, default=0.2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+    os.environ["TQDM_DISABLE"] = "1"
+    rows = []
+    with ChatServer(delay_s=args.delay_s) as server:
+        for concurrency in args.concurrency:
+            # At concurrency 1 the full set would take requests x delay: a fixed minute's
+            # worth is enough to read its rate.
+            n = min(args.requests, max(concurrency * 8, int(60 / args.delay_s)))
+            config = EndpointConfig(name="bench", model="m", base_url=server.url,
+                                    api_key_env=None, max_concurrency=concurrency)
+            generator = EndpointGenerator(config)
+            before = len(server.seen)
+            started = time.perf_counter()
+            results = generator.generate(requests(n))
+            seconds = time.perf_counter() - started
+            assert all(r.failed is None for r in results)
+            rows.append({"concurrency": concurrency, "requests": n,
+                         "server_saw": len(server.seen) - before,
+                         "most_in_flight": server.most_in_flight,
+                         "seconds": round(seconds, 3),
+                         "candidates_per_second": round(n / seconds, 2),
+                         "ideal_per_second": round(concurrency / args.delay_s, 2)})
+            server.most_in_flight = 0
+    base = rows[0]["candidates_per_second"]
+    for row in rows:
+        row["speedup_vs_first"] = round(row["candidates_per_second"] / base, 2)
+        row["of_ideal"] = round(row["candidates_per_second"] / row["ideal_per_second"], 3)
+    print(json.dumps({"benchmark": "endpoint", "delay_s": args.delay_s, "rows": rows,
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
