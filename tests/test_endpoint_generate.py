@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -261,7 +262,8 @@ def write_build(tmp_path: Path, url: str, key_env: str, n: int, **endpoint_setti
     return path
 
 
-def test_a_build_counts_the_requests_and_writes_the_key_nowhere(server, key, tmp_path, caplog):
+def test_a_build_counts_the_requests_and_writes_the_key_nowhere(server, key, tmp_path, caplog,
+                                                                capsys):
     from cpo_data import build, store
     from pipelines.project import load_project
 
@@ -278,6 +280,12 @@ def test_a_build_counts_the_requests_and_writes_the_key_nowhere(server, key, tmp
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
     assert leaked == []
     assert KEY not in caplog.text
+    from pipelines.printing import print_build_summary
+
+    print_build_summary(dataclasses.asdict(summary), 0)
+    assert ("requests        gpt-4: 6 sent, 1 retried, 0 failed; tokens "
+            f"{counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion"
+            ) in capsys.readouterr().out
 
 
 def test_a_missing_key_stops_the_build_before_anything_is_sent(server, tmp_path, monkeypatch):
