@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from cpo_data.fields import _check_at_least, _check_choice, _check_prompt, _fail
 
@@ -66,9 +67,9 @@ class EndpointConfig:
     the request at once."""
     backoff_s: float = 1.0
     """First retry's wait; each later one doubles, up to `max_backoff_s`, with jitter. A
-    server's Retry-After is waited instead, whatever it says."""
+    server's Retry-After is waited instead (never less, up to a quarter more)."""
     max_backoff_s: float = 60.0
-    """Longest wait between retries that the server did not set."""
+    """Longest wait between two tries, a server's Retry-After included."""
     max_failed_share: float = 0.05
     """Share of a shard's requests that may fail for good (the sources lose this candidate,
     with the reason) before the build stops."""
@@ -81,6 +82,11 @@ class EndpointConfig:
         _check_choice("kind", self.kind, ENDPOINT_KINDS)
         if not self.base_url.startswith(("http://", "https://")):
             _fail("base_url", f"{self.base_url!r} is not an http(s) URL")
+        if "@" in urlsplit(self.base_url).netloc:
+            # It would be published with the config, logged with every request, and sent
+            # in place of the key.
+            _fail("base_url", "holds a user or password; put the key in the variable "
+                              "api_key_env names")
         if self.api_key_env is not None and not self.api_key_env.strip():
             _fail("api_key_env", "name an environment variable, or null for no key")
         _check_prompt("user_prompt", self.user_prompt)

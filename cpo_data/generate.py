@@ -88,6 +88,9 @@ class StreamingGenerator(Generator, Protocol):
         """Call `done(index, candidates)` once per request, as each finishes, in any order."""
         ...
 
+    max_failed_share: float
+    """Share of a shard's sources whose request may fail for good before the stage stops."""
+
     def request_counts(self) -> dict[str, int]:
         """What this object's requests did: sent, retried, failed, and the tokens."""
         ...
@@ -142,6 +145,13 @@ def _run_generator(generator: Generator, requests: list[Request], cache_dir: str
                 keep=lambda g: g.failed is None)
         finally:
             report.requests[name] = generator.request_counts()
+        # Against the whole shard, cached sources included: a rerun that asks again only for
+        # the one source a server always refuses must pass where the first run passed.
+        failed = [g.failed for g in results if g.failed is not None]
+        if len(failed) > generator.max_failed_share * len(requests):
+            raise GenerateError(
+                f"{name}: {len(failed)} of {len(requests)} sources' requests failed, more "
+                f"than max_failed_share {generator.max_failed_share}; the first: {failed[0]}")
     else:
         results, generated = cached_compute(cache, requests, request_key, generator.generate,
                                             to_json, from_json)

@@ -95,7 +95,8 @@ def test_429_with_retry_after_500_and_a_slow_answer_are_retried_and_counted(serv
     server.fail(429, when=texts[1], retry_after=0.4)
     server.fail(500, when=texts[2], times=2)
     server.slow[texts[3]] = 2.0  # past timeout_s: the client gives up and asks again
-    found, generator = candidates(endpoint(server, key, timeout_s=0.5), texts)
+    found, generator = candidates(endpoint(server, key, timeout_s=0.5, max_backoff_s=1.0),
+                                  texts)
     assert found.table.num_rows == 5 and found.dropped.num_rows == 0
     assert generator.request_counts() == {**generator.request_counts(), "sent": 5, "retried": 4,
                                           "failed": 0}
@@ -107,6 +108,17 @@ def test_429_with_retry_after_500_and_a_slow_answer_are_retried_and_counted(serv
     assert arrivals[1] - arrivals[0] >= 0.4
 
 
+def test_a_retry_after_past_max_backoff_waits_max_backoff_and_unreadable_ones_are_ignored(
+        server, key):
+    """One header asking for an hour (or for infinity) must not hold the shard that long."""
+    texts = sentences(2)
+    server.fail(429, when=texts[0], retry_after=3600)
+    server.fail(429, when=texts[1], retry_after=float("inf"))
+    started = time.monotonic()
+    found, _ = candidates(endpoint(server, key, max_backoff_s=0.2), texts)
+    assert found.table.num_rows == 2 and time.monotonic() - started < 60
+
+
 def test_a_400_is_not_retried_and_drops_that_candidate_with_the_server_s_message(server, key):
     texts = sentences(4)
     server.fail(400, when=texts[2], message="this model does not take that prompt")
@@ -116,6 +128,79 @@ def test_a_400_is_not_retried_and_drops_that_candidate_with_the_server_s_message
     assert [d["reason"] for d in drop] == [REQUEST_FAILED]
     assert drop[0]["detail"] == "gpt: HTTP 400: this model does not take that prompt"
     assert found.table.num_rows == 3 and generator.request_counts()["failed"] == 1
+
+
+def test_the_key_is_taken_out_of_a_server_s_message_before_it_is_kept(server, key):
+    """Some servers repeat the key they refused: the reason is published (the dropped row's
+    detail, the report), so the key never reaches it."""
+    texts = sentences(2)
+    server.fail(401, when=texts[0], message=f"Incorrect API key provided: {KEY}")
+    server.fail(403, when=texts[1], message=f"header was Bearer {KEY}")
+    found, _ = candidates(endpoint(server, key, max_failed_share=1.0), texts)
+    details = [d["detail"] for d in found.dropped.to_pylist()]
+    assert details == ["gpt: HTTP 401: Incorrect API key provided: [api key]",
+                       "gpt: HTTP 403: header was Bearer [api key]"]
+
+
+def test_a_malformed_answer_fails_its_request_and_not_the_shard(server, key):
+    texts = sentences(3)
+    original = server._respond
+
+    def broken(body, authorization):
+        status, payload, headers = original(body, authorization)
+        user = body["messages"][-1]["content"]
+        if texts[0] in user:
+            payload["choices"][0]["message"] = None
+        if texts[1] in user:
+            payload = {"error": {"message": "model overloaded"}}
+        return status, payload, headers
+
+    server._respond = broken
+    found, _ = candidates(endpoint(server, key, max_failed_share=1.0), texts)
+    assert [d["detail"] for d in found.dropped.to_pylist()] == [
+        "gpt: the server answered a choice without a message",
+        "gpt: the server answered with no choices: model overloaded"]
+    assert found.table.num_rows == 1
+
+
+def test_a_rerun_judges_the_failures_against_the_whole_shard(server, key, tmp_path):
+    """One source a server always refuses is within the share on the first run; on a
+    rerun it is the only request sent, and must still pass."""
+    texts = sentences(10)
+    server.fail(400, when=texts[4], times=99)
+    config = endpoint(server, key, max_failed_share=0.1)
+    for _ in range(2):
+        found, _ = candidates(config, texts, cache_dir=str(tmp_path / "cache"))
+        assert found.table.num_rows == 9
+    assert sum(texts[4] in u for u in server.users(status=None)) == 2
+
+
+def test_generating_from_inside_a_running_event_loop_works_and_raises_what_fails(server, key):
+    """A notebook's thread runs an event loop: the requests run in a loop of their own, and
+    an error there comes back to the caller."""
+    import asyncio
+
+    async def in_a_loop(config):
+        return EndpointGenerator(config).generate(_requests(2))
+
+    results = asyncio.run(in_a_loop(endpoint(server, key)))
+    assert [r.failed for r in results] == [None, None] and len(server.seen) == 2
+
+    def refuse(index, generated):
+        raise RuntimeError(f"refused candidate {index}")
+
+    async def refusing_in_a_loop(config):
+        EndpointGenerator(config).generate_each(_requests(1), refuse)
+
+    with pytest.raises(RuntimeError, match="refused candidate 0"):
+        asyncio.run(refusing_in_a_loop(endpoint(server, key)))
+
+
+def _requests(n):
+    from cpo_data.generate import Request
+    from cpo_data.sources import source_id
+
+    return [Request(source_id("de", "en", t), "de", "en", t) for t in sentences(n)]
 
 
 def test_retries_give_up_after_max_retries_and_name_how_many(server, key):
@@ -145,7 +230,7 @@ def test_more_failures_than_the_share_allows_stop_the_stage_but_keep_what_came(
     for text in texts[:3]:
         server.fail(400, when=text)
     config = endpoint(server, key, max_failed_share=0.2)
-    with pytest.raises(GenerateError, match=r"gpt: 3 of 10 requests failed, more than "
+    with pytest.raises(GenerateError, match=r"gpt: 3 of 10 sources' requests failed, more than "
                                             r"max_failed_share 0.2; the first: HTTP 400"):
         candidates(config, texts, cache_dir=str(tmp_path / "cache"))
     before = len(server.seen)
@@ -228,6 +313,8 @@ def test_backoff_doubles_up_to_its_ceiling_with_jitter():
     ({"max_failed_share": 1.5}, "max_failed_share: must be in [0, 1]"),
     ({"user_prompt": "Translate"}, "user_prompt: must contain {src}"),
     ({"kind": "anthropic"}, "kind: 'anthropic' is not one of openai_compatible"),
+    ({"base_url": "https://me:secret@example.com/v1"},
+     "base_url: holds a user or password; put the key in the variable api_key_env names"),
 ])
 def test_bad_settings_name_their_key(settings, message):
     with pytest.raises(ConfigError) as error:

@@ -14,20 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
+import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC
 from typing import Any
 
-from cpo_data.config_endpoint import EndpointConfig
-from cpo_data.generate import Generated, GenerateError, Request
+from cpo_data.config_endpoint import NO_KEY, EndpointConfig
+from cpo_data.generate import Generated, Request
 from cpo_data.identity import endpoint_identity
 from cpo_data.select import render_prompt
 
 MESSAGE_CHARS = 300
 """How much of a server's error message a dropped row keeps."""
+BEARER = re.compile(r"Bearer\s+\S+")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,24 +64,69 @@ def retry_after_s(headers: Any) -> float | None:
     HTTP date; None when it asked for none (or said something unreadable)."""
     if headers is None:
         return None
-    millis = headers.get("retry-after-ms")
+    millis = _seconds(headers.get("retry-after-ms"))
     if millis is not None:
-        try:
-            return max(float(millis) / 1000, 0.0)
-        except ValueError:
-            pass
+        return millis / 1000
     value = headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000": HTTP dates are in UTC
+        when = when.replace(tzinfo=UTC)
     return max(when.timestamp() - time.time(), 0.0)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A header's number, at least 0; None when absent, unreadable, infinite or NaN."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return max(number, 0.0) if math.isfinite(number) else None
+
+
+def redact(text: str, key: str) -> str:
+    """`text` without the key, nor any bearer token."""
+    text = BEARER.sub("Bearer [api key]", text)
+    return text.replace(key, "[api key]") if key and key != NO_KEY else text
+
+
+def _run_in_own_thread(coroutine: Any) -> None:
+    """Run `coroutine` to its end in a new event loop in a thread of its own, from a thread
+    whose loop is running; its exception comes back here, and an interrupt here (Ctrl-C)
+    cancels it and waits for its cleanup (the client closed, what arrived handed over)."""
+    loop = asyncio.new_event_loop()
+    worker = threading.Thread(target=loop.run_forever, daemon=True)
+    worker.start()
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    try:
+        future.result()
+    except BaseException:
+        future.cancel()
+        finished = threading.Event()
+        loop.call_soon_threadsafe(lambda: _when_idle(loop, finished))
+        finished.wait(timeout=30)
+        raise
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        worker.join()
+        loop.close()
+
+
+def _when_idle(loop: asyncio.AbstractEventLoop, finished: threading.Event) -> None:
+    """Set `finished` once no task is left in `loop` (the cancelled one has cleaned up)."""
+    if any(not task.done() for task in asyncio.all_tasks(loop)):
+        loop.call_later(0.01, _when_idle, loop, finished)
+    else:
+        finished.set()
 
 
 def backoff_s(config: EndpointConfig, retry: int, rng: random.Random) -> float:
@@ -118,8 +170,10 @@ class EndpointGenerator:
         self.config = config
         self.name = config.name
         self.identity = endpoint_identity(config)
+        self.max_failed_share = config.max_failed_share
         self.counts = RequestCounts()
         self._lock = threading.Lock()
+        self._warned_short = False
 
     def request_counts(self) -> dict[str, int]:
         with self._lock:
@@ -136,33 +190,19 @@ class EndpointGenerator:
 
     def generate_each(self, requests: Sequence[Request],
                       done: Callable[[int, Generated], None]) -> None:
-        """Every request, `max_concurrency` at a time; `done` runs in this thread's event
-        loop as each finishes. Raises GenerateError when more than `max_failed_share` of
-        them failed, after every one has been handed over (so the rest are cached)."""
+        """Every request, `max_concurrency` at a time; `done(index, candidates)` as each
+        finishes (the share of failures is the stage's to judge: `generate._run_generator`
+        counts them against the whole shard, cached sources included)."""
         if not requests:
             return
         key = self.config.api_key()  # before anything is sent: a missing key names its variable
-        failed: list[str] = []
-
-        def finished(index: int, generated: Generated) -> None:
-            if generated.failed is not None:
-                failed.append(generated.failed)
-            done(index, generated)
-
-        coroutine = self._all(list(requests), key, finished)
+        coroutine = self._all(list(requests), key, done)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             asyncio.run(coroutine)
-        else:  # called from inside an event loop (a notebook): run in a thread of its own
-            worker = threading.Thread(target=asyncio.run, args=(coroutine,))
-            worker.start()
-            worker.join()
-        share = self.config.max_failed_share
-        if len(failed) > share * len(requests):
-            raise GenerateError(
-                f"{self.name}: {len(failed)} of {len(requests)} requests failed, more than "
-                f"max_failed_share {share}; the first: {failed[0]}")
+        else:  # called from inside an event loop (a notebook): a loop of its own, elsewhere
+            _run_in_own_thread(coroutine)
 
     async def _all(self, requests: list[Request], key: str,
                    done: Callable[[int, Generated], None]) -> None:
@@ -188,7 +228,7 @@ class EndpointGenerator:
                 in_flight[0] += 1
                 show()
                 try:
-                    generated = await self._ask(client, requests[index], rng, show)
+                    generated = await self._ask(client, requests[index], rng, show, key)
                 finally:
                     in_flight[0] -= 1
             done(index, generated)
@@ -208,8 +248,9 @@ class EndpointGenerator:
             await client.close()
 
     async def _ask(self, client: Any, request: Request, rng: random.Random,
-                   show: Callable[[], None]) -> Generated:
-        """One source's candidates, retried as the module says."""
+                   show: Callable[[], None], key: str) -> Generated:
+        """One source's candidates, retried as the module says (`key`: to keep it out of a
+        failure's reason)."""
         config = self.config
         with self._lock:
             self.counts.sent += 1
@@ -219,7 +260,7 @@ class EndpointGenerator:
                 response = await self._create(client, request)
                 break
             except _Gave as gave:
-                return self._failed(gave.why)
+                return self._failed(gave.why, key)
             except Exception as error:  # noqa: BLE001 - sorted just below
                 import openai
 
@@ -227,10 +268,14 @@ class EndpointGenerator:
                     raise
                 if not _retryable(error) or retry >= config.max_retries:
                     tries = f" (after {retry} retries)" if retry else ""
-                    return self._failed(_status_line(error) + tries)
+                    return self._failed(_status_line(error) + tries, key)
                 asked = retry_after_s(error.response.headers
                                       if isinstance(error, openai.APIStatusError) else None)
-                wait = asked if asked is not None else backoff_s(config, retry, rng)
+                # The server's wait, never shorter, a random quarter longer (so that requests
+                # it refused together do not all return together), cut at max_backoff_s: one
+                # header asking for an hour must not hold the shard for an hour.
+                wait = (backoff_s(config, retry, rng) if asked is None
+                        else min(asked * (1 + 0.25 * rng.random()), config.max_backoff_s))
                 retry += 1
                 with self._lock:
                     self.counts.retried += 1
@@ -241,7 +286,16 @@ class EndpointGenerator:
             if usage is not None:
                 self.counts.prompt_tokens += usage.prompt_tokens or 0
                 self.counts.completion_tokens += usage.completion_tokens or 0
-        choices = sorted(response.choices, key=lambda c: c.index)
+        choices = list(response.choices)
+        if any(c.message is None for c in choices):
+            return self._failed("the server answered a choice without a message", key)
+        if all(c.index is not None for c in choices):
+            choices.sort(key=lambda c: c.index)
+        if len(choices) < config.n and not self._warned_short:
+            self._warned_short = True
+            log.warning("%s: the server gave %d choices where n is %d (some servers ignore "
+                        "n): these sources get fewer candidates", self.name, len(choices),
+                        config.n)
         return Generated(texts=[(c.message.content or "").strip() for c in choices],
                          stopped_at_limit=[c.finish_reason == "length" for c in choices])
 
@@ -256,13 +310,18 @@ class EndpointGenerator:
         response = await client.chat.completions.create(
             model=config.model, messages=_messages(config, request), **options)
         if not response.choices:
-            raise _Gave("the server answered with no choices")
+            said = (response.model_extra or {}).get("error")
+            message = said.get("message") if isinstance(said, dict) else said
+            raise _Gave("the server answered with no choices"
+                        + (f": {message}"[:MESSAGE_CHARS] if message else ""))
         return response
 
-    def _failed(self, why: str) -> Generated:
+    def _failed(self, why: str, key: str) -> Generated:
+        """A request given up on; `why` is published (a dropped row's detail), so the key is
+        taken out of it: some servers repeat the key they refused in their message."""
         with self._lock:
             self.counts.failed += 1
-        return Generated(texts=[], failed=why)
+        return Generated(texts=[], failed=redact(why, key))
 
 
 def load_endpoint(config: EndpointConfig) -> EndpointGenerator:
