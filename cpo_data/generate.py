@@ -131,17 +131,23 @@ def request_key(request: Request) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _to_json(generated: Generated) -> dict[str, Any]:
+    return {"texts": generated.texts, "truncated": generated.truncated,
+            "stopped_at_limit": generated.stopped_at_limit}
+
+
+def _from_json(value: dict[str, Any]) -> Generated:
+    return Generated(**value)  # entries written before `stopped_at_limit` lack it
+
+
 def _run_generator(generator: Generator, requests: list[Request], cache_dir: str | None,
                    report: GenerateReport) -> list[Generated]:
     name = generator.name
     cache = open_cache(cache_dir, "generate", generator.identity) if cache_dir else None
-    to_json = lambda g: {"texts": g.texts, "truncated": g.truncated,  # noqa: E731
-                         "stopped_at_limit": g.stopped_at_limit}
-    from_json = lambda value: Generated(**value)  # noqa: E731 - older entries lack stopped_at_limit
     if isinstance(generator, StreamingGenerator):
         try:
             results, generated = cached_compute_each(
-                cache, requests, request_key, generator.generate_each, to_json, from_json,
+                cache, requests, request_key, generator.generate_each, _to_json, _from_json,
                 keep=lambda g: g.failed is None)
         finally:
             report.requests[name] = generator.request_counts()
@@ -154,7 +160,7 @@ def _run_generator(generator: Generator, requests: list[Request], cache_dir: str
                 f"than max_failed_share {generator.max_failed_share}; the first: {failed[0]}")
     else:
         results, generated = cached_compute(cache, requests, request_key, generator.generate,
-                                            to_json, from_json)
+                                            _to_json, _from_json)
     report.generated[name] = generated
     report.from_cache[name] = len(requests) - generated
     report.truncated[name] = sum(g.truncated for g in results)
