@@ -485,3 +485,26 @@ def test_the_flow_sums_the_requests_over_its_shards_and_writes_the_key_nowhere(
     assert (counts["sent"], counts["retried"], counts["failed"]) == (6, 1, 0)
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_the_progress_bar_shows_done_in_flight_retried_and_failed(server, key, monkeypatch):
+    import io
+
+    import tqdm.auto
+
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.update(disable=False, file=io.StringIO(), mininterval=0)
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    texts = sentences(4)
+    server.fail(429, when=texts[0], retry_after=0)
+    server.fail(400, when=texts[1])
+    candidates(endpoint(server, key, max_failed_share=0.5), texts)
+    (bar,) = bars
+    assert bar.n == bar.total == 4 and bar.desc == "generate gpt"
+    assert bar.postfix == "in_flight=0, retried=1, failed=1"

@@ -217,8 +217,8 @@ class EndpointGenerator:
         in_flight = [0]
 
         def show() -> None:
-            progress.set_postfix(in_flight=in_flight[0], retried=self.counts.retried,
-                                 failed=self.counts.failed, refresh=False)
+            progress.set_postfix({"in_flight": in_flight[0], "retried": self.counts.retried,
+                                  "failed": self.counts.failed}, refresh=False)
 
         gate = asyncio.Semaphore(config.max_concurrency)
         rng = random.Random(config.seed)
