@@ -117,7 +117,9 @@ class ChatServer:
 
         self._http = _Server(("127.0.0.1", 0), Handler)
         self._http.daemon_threads = True
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        # A short poll: `stop` waits for the loop to look, 0.5 s a server by default.
+        threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.02},
+                         daemon=True).start()
         self.url = f"http://127.0.0.1:{self._http.server_address[1]}/v1"
         return self
 

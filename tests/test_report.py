@@ -472,7 +472,8 @@ def tied_triplets(seed: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema.TRIPLETS)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow)
+                                       for s in range(1, 4))])  # about 2 s a seed
 def test_the_page_read_in_batches_equals_the_page_read_whole(seed):
     """The page is gathered batch by batch (so it costs memory per batch, not per version):
     every batch size gives the page of the whole table in one batch, and the second pass
