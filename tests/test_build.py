@@ -67,6 +67,7 @@ def test_unknown_provided_system_is_refused(tmp_path, no_model_loads):
         build.run_build(load_config(path))
 
 
+@pytest.mark.slow  # a build of many shards
 def test_a_shard_may_lack_a_provided_system_that_others_have(tmp_path):
     """The provided systems are checked once over the whole dataset: a shard in which every
     output of one system is empty builds, and those outputs are dropped rows."""

@@ -130,6 +130,7 @@ def test_a_handed_lock_must_be_this_datasets_and_still_held(any_store):
 # 2. The heartbeat survives an error; a lost lease stops the writer.
 
 
+@pytest.mark.slow  # 2 s of heartbeats
 def test_the_heartbeat_keeps_renewing_after_a_failed_beat(memory_store, monkeypatch, caplog):
     fs, path, uri = memory_store
     monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)

@@ -368,6 +368,7 @@ def test_an_old_manifest_still_renders():
     assert page.count("<svg") == 4
 
 
+@pytest.mark.slow  # two builds and a report
 def test_write_report_puts_it_where_publishing_attaches_it(tmp_path):
     table = sample_triplets(rows_per_pair=3)
     dropped = sample_dropped(table["source_id"].to_pylist()[:1])
