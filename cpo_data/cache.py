@@ -258,20 +258,19 @@ def cached_compute(
     from_json: Callable[[Any], Value],
 ) -> tuple[list[Value], int]:
     """Values for `items` in order: from the cache where present, else from `compute` (called
-    once, with the missing items only) and then stored. Returns the values and how many were
-    computed now. Without a cache everything is computed."""
-    keys = [key(item) for item in items]  # once each: a key hashes the item's text
-    cached = cache.get_many(set(keys)) if cache is not None else {}
-    missing = [(k, item) for item, k in zip(items, keys, strict=True) if k not in cached]
-    fresh: dict[str, Value] = {}
-    if missing:
-        values = compute([item for _, item in missing])
+    once, with the missing items only, each key once) and then stored, in one segment.
+    Returns the values and how many were computed now. Without a cache everything is
+    computed."""
+
+    def compute_each(missing: list[Item], done: Callable[[int, Value], None]) -> None:
+        values = compute(missing)
         if len(values) != len(missing):
             raise ValueError(f"{len(values)} results for {len(missing)} items")
-        fresh = {k: value for (k, _), value in zip(missing, values, strict=True)}
-        if cache is not None:
-            cache.put_many({k: to_json(v) for k, v in fresh.items()})
-    return [fresh[k] if k in fresh else from_json(cached[k]) for k in keys], len(missing)
+        for index, value in enumerate(values):
+            done(index, value)
+
+    return cached_compute_each(cache, items, key, compute_each, to_json, from_json,
+                               as_they_come=False)
 
 
 SAVE_EVERY = 256
@@ -289,13 +288,16 @@ def cached_compute_each(
     to_json: Callable[[Value], Any],
     from_json: Callable[[Any], Value],
     keep: Callable[[Value], bool] = lambda value: True,
+    as_they_come: bool = True,
 ) -> tuple[list[Value], int]:
-    """`cached_compute` for a computation that hands its values over one at a time as they
-    come (`compute_each(missing, done)` calls `done(index into missing, value)` once per
-    item, in any order), such as requests to a paid API: values are stored as they arrive
-    (`SAVE_EVERY`, `SAVE_AFTER_S`) and what arrived is stored when `compute_each` raises, so a
-    rerun never pays for a value twice. Values `keep` refuses (a request that failed) are
-    returned but not stored. Items with one key are computed once."""
+    """Values for `items` in order, from the cache where present, else from `compute_each`,
+    which hands them over one at a time as they come (`compute_each(missing, done)` calls
+    `done(index into missing, value)` once per missing item, each key once, in any order),
+    such as requests to a paid API. Values are stored as they arrive (every `SAVE_EVERY`,
+    or after `SAVE_AFTER_S`; with `as_they_come` off, in one segment at the end), and what
+    arrived is stored when `compute_each` raises, so a rerun never pays for a value twice.
+    Values `keep` refuses (a request that failed) are returned but not stored. Returns the
+    values and how many were computed now."""
     keys = [key(item) for item in items]
     cached = cache.get_many(set(keys)) if cache is not None else {}
     missing: dict[str, Item] = {}
@@ -321,7 +323,8 @@ def cached_compute_each(
         fresh[k] = value
         if cache is not None and keep(value):
             pending[k] = to_json(value)
-            if len(pending) >= SAVE_EVERY or time.monotonic() - last_save >= SAVE_AFTER_S:
+            if as_they_come and (len(pending) >= SAVE_EVERY
+                                 or time.monotonic() - last_save >= SAVE_AFTER_S):
                 save()
 
     try:
