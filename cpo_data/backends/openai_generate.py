@@ -6,8 +6,11 @@ The client's own retries are off: this module retries, so that each retry is cou
 shown, and so that only what should be retried is (429, 5xx, timeouts, connection errors; a
 400 or 401 fails at once, since asking again gives the same answer). A request that fails for
 good hands back `Generated(failed=...)` with the status and the server's message: that source
-loses this candidate, and the build stops only when more than `max_failed_share` of the
-requests fail.
+loses this candidate, and the build stops only when more than `max_failed_share` of a
+shard's sources fail (`generate._run_generator` judges).
+
+The module is imported only where a build has endpoints (`build.generate_shard`), so the
+client's import is paid only there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC
 from typing import Any
+
+import openai
 
 from cpo_data.config_endpoint import NO_KEY, EndpointConfig
 from cpo_data.generate import Generated, Request
@@ -103,30 +108,28 @@ def _run_in_own_thread(coroutine: Any) -> None:
     """Run `coroutine` to its end in a new event loop in a thread of its own, from a thread
     whose loop is running; its exception comes back here, and an interrupt here (Ctrl-C)
     cancels it and waits for its cleanup (the client closed, what arrived handed over)."""
+    finished = threading.Event()
+
+    async def to_the_end() -> None:
+        try:
+            await coroutine
+        finally:
+            finished.set()
+
     loop = asyncio.new_event_loop()
     worker = threading.Thread(target=loop.run_forever, daemon=True)
     worker.start()
-    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    future = asyncio.run_coroutine_threadsafe(to_the_end(), loop)
     try:
         future.result()
     except BaseException:
         future.cancel()
-        finished = threading.Event()
-        loop.call_soon_threadsafe(lambda: _when_idle(loop, finished))
         finished.wait(timeout=30)
         raise
     finally:
         loop.call_soon_threadsafe(loop.stop)
         worker.join()
         loop.close()
-
-
-def _when_idle(loop: asyncio.AbstractEventLoop, finished: threading.Event) -> None:
-    """Set `finished` once no task is left in `loop` (the cancelled one has cleaned up)."""
-    if any(not task.done() for task in asyncio.all_tasks(loop)):
-        loop.call_later(0.01, _when_idle, loop, finished)
-    else:
-        finished.set()
 
 
 def backoff_s(config: EndpointConfig, retry: int, rng: random.Random) -> float:
@@ -144,9 +147,7 @@ def _messages(config: EndpointConfig, request: Request) -> list[dict[str, str]]:
     return messages + [{"role": "user", "content": user}]
 
 
-def _status_line(error: Exception) -> str:
-    import openai
-
+def _status_line(error: openai.OpenAIError) -> str:
     if isinstance(error, openai.APIStatusError):
         said = error.body.get("message") if isinstance(error.body, dict) else None
         return f"HTTP {error.status_code}: {said or error.message}"[:MESSAGE_CHARS]
@@ -155,9 +156,7 @@ def _status_line(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"[:MESSAGE_CHARS]
 
 
-def _retryable(error: Exception) -> bool:
-    import openai
-
+def _retryable(error: openai.OpenAIError) -> bool:
     if isinstance(error, openai.APIStatusError):
         return error.status_code == 429 or error.status_code >= 500
     return isinstance(error, openai.APIConnectionError)  # timeouts are connection errors too
@@ -206,7 +205,6 @@ class EndpointGenerator:
 
     async def _all(self, requests: list[Request], key: str,
                    done: Callable[[int, Generated], None]) -> None:
-        import openai
         from tqdm.auto import tqdm
 
         config = self.config
@@ -261,11 +259,7 @@ class EndpointGenerator:
                 break
             except _Gave as gave:
                 return self._failed(gave.why, key)
-            except Exception as error:  # noqa: BLE001 - sorted just below
-                import openai
-
-                if not isinstance(error, openai.OpenAIError):
-                    raise
+            except openai.OpenAIError as error:
                 if not _retryable(error) or retry >= config.max_retries:
                     tries = f" (after {retry} retries)" if retry else ""
                     return self._failed(_status_line(error) + tries, key)
